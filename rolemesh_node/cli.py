@@ -1,0 +1,100 @@
+"""``rolemesh-node-agent``: the node in the foreground, logging to stdout.
+
+It builds the same service as ``twistd rolemesh-node`` directly (no plugin
+discovery involved), runs the reactor, and stops cleanly on SIGINT/SIGTERM:
+every child is stopped and waited for before the process exits 0.
+
+Exit codes: 0 after a clean stop, 1 when the port cannot be bound, 2 for a
+bad command line or config (``config error: FILE: key.path: problem``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rolemesh-node-agent",
+        description="RoleMesh Node Agent: one llama-server per device behind an OpenAI-compatible proxy.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", "-c", metavar="PATH", help="the node's YAML config (docs/configuration.md)")
+    what.add_argument("--demo", action="store_true",
+                      help="generate two tiny models and run a CPU node on 127.0.0.1 serving them")
+    parser.add_argument("--demo-dir", metavar="DIR", default="rolemesh-demo",
+                        help="where --demo writes its models and config (default: ./rolemesh-demo)")
+    parser.add_argument("--port", type=int, default=8088, help="--demo's port (default: 8088)")
+    parser.add_argument("--version", action="version", version=f"rolemesh-node {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.demo:
+        from .demo import banner, prepare
+
+        config_path = prepare(Path(args.demo_dir), args.port)
+        print(banner(args.port), flush=True)
+    else:
+        config_path = Path(args.config)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 2
+
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import globalLogBeginner
+
+    from .logs import level_observer
+    from .service import makeService
+
+    globalLogBeginner.beginLoggingTo([level_observer(sys.stdout, config.log_level)], redirectStandardIO=False)
+    service = makeService(config, reactor)
+    try:
+        service.startService()
+    except CannotListenError as exc:
+        print(f"error: cannot listen on {config.listen_host}:{config.listen_port}: {exc.socketError}",
+              file=sys.stderr, flush=True)
+        service.stopService()
+        return 1
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    # After Twisted installed its handlers (SIGCHLD is needed to reap children).
+    reactor.callWhenRunning(_stop_on_signals, reactor)
+    reactor.run()
+    return 0
+
+
+def _stop_on_signals(reactor: Any) -> None:
+    """SIGINT/SIGTERM stop the reactor once; a second signal while stopping is
+    only logged (Twisted's own handler would log a ReactorNotRunning error)."""
+    from twisted.logger import Logger
+
+    log = Logger(namespace="rolemesh_node.cli")
+    stopping = []
+
+    def stop() -> None:
+        if stopping:
+            log.info("already stopping; waiting for the children to exit")
+            return
+        stopping.append(True)
+        reactor.stop()
+
+    def handler(signum: int, frame: Any) -> None:
+        log.info("received {name}, stopping", name=signal.Signals(signum).name)
+        reactor.callFromThread(stop)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+if __name__ == "__main__":  # python -m rolemesh_node.cli
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The node's state: its backend, devices, device slots and latest metrics.
+
+:class:`Node` is the one object the HTTP layer and the dispatcher link talk
+to. It owns no sockets; :mod:`rolemesh_node.service` wires it to the reactor.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.logger import Logger
+
+from . import __version__
+from .config import ModelSpec, NodeConfig
+from .device_slot import DeviceSlot, SlotState
+from .devices.base import Backend, DeviceMetrics, DeviceRef
+from .devices.select import select_backend
+from .llama_server import LlamaServerNotFound, find_llama_server
+from .scheduler import SlotView, place
+
+log = Logger()
+
+SERVING = (SlotState.READY, SlotState.STARTING)
+
+
+class NotReady(Exception):
+    """Device discovery has not finished yet."""
+
+
+class Node:
+    def __init__(
+        self,
+        config: NodeConfig,
+        reactor: Any,
+        http: Any,
+        node_id: str,
+        select: Callable[[Any, NodeConfig], Deferred[tuple[Backend, list[DeviceRef]]]] = select_backend,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.http = http
+        self.node_id = node_id
+        self._select = select
+        self.started_at = time.time()
+        self._started_monotonic = reactor.seconds()
+        self.backend: Backend | None = None
+        self.devices: list[DeviceRef] = []
+        self.slots: dict[str, DeviceSlot] = {}
+        self.metrics: dict[str, DeviceMetrics] = {}
+        self.discovered = False
+        self.bin_error: str | None = None
+        self._bin: str | None = None
+        self._discovery: Deferred[Any] | None = None
+        self.slot_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> Deferred[Any]:
+        """Discover devices and make their slots; fires when done."""
+        try:
+            self._bin = find_llama_server(self.config.llama_server_bin)
+            log.info("using llama-server at {path}", path=self._bin)
+        except LlamaServerNotFound as exc:
+            self.bin_error = str(exc)
+            log.error("{error}; requests will be answered 503 until it is installed", error=self.bin_error)
+        self._discovery = self._discover()
+        return self._discovery
+
+    @inlineCallbacks
+    def _discover(self) -> Any:
+        backend, devices = yield self._select(self.reactor, self.config)
+        self.backend = backend
+        self.devices = devices
+        for device in devices:
+            slot = DeviceSlot(device=device, backend=backend, config=self.config, reactor=self.reactor,
+                              http=self.http, bin_path=self.bin_path)
+            slot.listeners.extend(self.slot_listeners)
+            self.slots[device.id] = slot
+        self.discovered = True
+        if not devices:
+            log.error("no devices found for backend {backend}; nothing can be served", backend=backend.name)
+        yield self.refresh_metrics()
+
+    def bin_path(self) -> str:
+        """The llama-server binary (looked up again if it was missing at start)."""
+        if self._bin is None:
+            self._bin = find_llama_server(self.config.llama_server_bin)
+            self.bin_error = None
+        return self._bin
+
+    @inlineCallbacks
+    def refresh_metrics(self) -> Any:
+        """Sample every device once (never fails; a failed sample keeps the last one)."""
+        if self.backend is None or not self.devices:
+            return
+        try:
+            sample = yield self.backend.metrics(self.devices)
+        except Exception as exc:
+            log.warn("reading device metrics failed: {error}", error=exc)
+            return
+        self.metrics.update(sample)
+
+    def stop(self) -> Deferred[Any]:
+        """Stop every child; fires when all have exited."""
+        if self._discovery is not None and not self._discovery.called:
+            self._discovery.cancel()
+        return DeferredList([slot.stop() for slot in self.slots.values()], consumeErrors=True)
+
+    # ------------------------------------------------------------ placement
+
+    def views(self) -> list[SlotView]:
+        out = []
+        for slot in self.slots.values():
+            metrics = self.metrics.get(slot.id)
+            loaded = self.config.models.get(slot.target) if slot.target else None
+            out.append(SlotView(
+                device_id=slot.id,
+                index=slot.device.index,
+                model=slot.target,
+                serving=slot.state in SERVING,
+                in_flight=slot.inflight,
+                waiting=len(slot.queue),
+                max_pending=slot.max_pending,
+                free_memory_bytes=None if metrics is None else metrics.memory_free_bytes,
+                loaded_model_bytes=None if loaded is None else loaded.size_bytes(),
+                cooldown_models=frozenset(c.model for c in slot.crashes.active()),
+            ))
+        return out
+
+    def choose(self, model: ModelSpec) -> DeviceSlot:
+        """The slot for ``model`` (raises NotReady, NoDevice or AllBusy)."""
+        if not self.discovered:
+            raise NotReady("device discovery has not finished")
+        return self.slots[place(model.name, model.size_bytes(), self.views())]
+
+    # ------------------------------------------------------------ reporting
+
+    def model_state(self, spec: ModelSpec) -> dict[str, Any]:
+        devices = [s.id for s in self.slots.values() if s.target == spec.name and s.state is SlotState.READY]
+        starting = [s.id for s in self.slots.values() if s.target == spec.name and s.state is SlotState.STARTING]
+        available = spec.available()
+        if not available:
+            state = "unavailable"
+        elif devices:
+            state = "loaded"
+        elif starting:
+            state = "loading"
+        else:
+            state = "available"
+        return {"state": state, "available": available, "loaded_on": devices}
+
+    def models_json(self) -> dict[str, Any]:
+        data = []
+        created = int(self.started_at)
+        for spec in self.config.models.values():
+            entry = {
+                "id": spec.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "rolemesh-node",
+                "aliases": list(spec.aliases),
+                "embedding": spec.embedding,
+                **self.model_state(spec),
+            }
+            if not spec.available():
+                entry["reason"] = f"model file {spec.path} is missing or unreadable"
+            data.append(entry)
+        return {"object": "list", "data": data}
+
+    def uptime_s(self) -> float:
+        return self.reactor.seconds() - self._started_monotonic
+
+    def inventory_json(self) -> dict[str, Any]:
+        devices = []
+        for device in self.devices:
+            metrics = self.metrics.get(device.id)
+            slot = self.slots.get(device.id)
+            devices.append({
+                **device.to_json(),
+                "metrics": None if metrics is None else metrics.to_json(),
+                "child": None if slot is None else slot.snapshot(),
+            })
+        models = []
+        for spec in self.config.models.values():
+            models.append({
+                "name": spec.name,
+                "path": str(spec.path),
+                "size_bytes": spec.size_bytes(),
+                "ctx_size": spec.ctx_size,
+                "aliases": list(spec.aliases),
+                "embedding": spec.embedding,
+                "ttl_s": spec.ttl_s,
+                **self.model_state(spec),
+            })
+        return {
+            "node_id": self.node_id,
+            "version": __version__,
+            "started_at": self.started_at,
+            "uptime_s": round(self.uptime_s(), 3),
+            "backend": None if self.backend is None else self.backend.name,
+            "discovered": self.discovered,
+            "llama_server_bin": self._bin,
+            "llama_server_error": self.bin_error,
+            "limits": {
+                "max_pending_requests_per_device": self.config.max_pending_requests_per_device,
+                "max_concurrent_requests_per_device": self.config.max_concurrent_requests_per_device,
+                "max_request_body_bytes": self.config.max_request_body_bytes,
+            },
+            "devices": devices,
+            "models": models,
+        }

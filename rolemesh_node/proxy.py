@@ -1,0 +1,355 @@
+"""The proxy routes: one request in, forwarded to the chosen device's child.
+
+This is the hot path, so it is a lean ``twisted.web`` resource rather than a
+Klein route, and it talks to the children through one pooled
+``twisted.web.client.Agent`` (persistent connections, no per-request client
+objects). The request body is parsed once (to find the model) and forwarded as
+the same bytes; the response body is relayed chunk by chunk as it arrives —
+never collected, never re-encoded.
+
+Per request (:class:`_Exchange`):
+
+1. validate → place → ``slot.acquire`` (429 at once when the device is full,
+   503 when its child cannot be made ready);
+2. POST to ``127.0.0.1:<child port>``; no headers within
+   ``request_timeout_s`` → 504; refused or reset → 502;
+3. relay status, headers and body; the relay is registered as the client
+   request's producer, so a slow client pauses the upstream;
+4. a client that disconnects cancels whatever is pending (queue place,
+   upstream request, or the body transfer) and the device slot is released;
+5. an upstream that fails mid-body ends an SSE stream with an error event,
+   or aborts a plain response (its length can no longer be honoured).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from .device_slot import ChildStartError, QueueFull
+from .errors import error_body, set_error
+from .node import Node, NotReady
+from .scheduler import AllBusy, NoDevice
+
+log = Logger()
+
+#: path -> whether it needs an embedding model (True), a generative one (False)
+ROUTES = {
+    b"/v1/chat/completions": False,
+    b"/v1/completions": False,
+    b"/v1/embeddings": True,
+}
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"server", b"date",
+})
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """An ``IBodyProducer`` for bytes already in memory (written in one go)."""
+
+    __slots__ = ("body", "length")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Any:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def request_id(request: Any) -> bytes:
+    """The client's ``X-Request-Id`` when it is sane, else a new one."""
+    given = request.getHeader(b"x-request-id")
+    if given is not None:
+        raw = given.encode("latin-1", "replace") if isinstance(given, str) else given
+        if _REQUEST_ID.match(raw):
+            return raw
+    return uuid.uuid4().hex.encode()
+
+
+class ProxyResource:
+    """``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``."""
+
+    isLeaf = True
+
+    def __init__(self, node: Node, agent: Any, reactor: Any) -> None:
+        self.node = node
+        self.agent = agent
+        self.reactor = reactor
+        self.config = node.config
+        self.listeners: list[Any] = []  # called as f(event, fields) — metrics hook
+
+    def render(self, request: Any) -> Any:
+        rid = request_id(request)
+        request.setHeader(b"x-request-id", rid)
+        if request.method != b"POST":
+            return set_error(request, 405, f"{request.method.decode('latin-1')} is not allowed here; use POST",
+                             "method_not_allowed", headers={"Allow": "POST"})
+        if getattr(request, "body_too_large", False):
+            return set_error(request, 413, f"request body exceeds max_request_body_bytes "
+                             f"({self.config.max_request_body_bytes})", "request_too_large")
+        body = request.content.getvalue() if hasattr(request.content, "getvalue") else request.content.read()
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return set_error(request, 400, f"request body is not valid JSON: {exc}", "invalid_json")
+        if not isinstance(payload, dict):
+            return set_error(request, 400, "request body must be a JSON object", "invalid_request")
+        name = payload.get("model")
+        if not isinstance(name, str) or not name:
+            return set_error(request, 400, "'model' is required and must be a non-empty string",
+                             "missing_model")
+        spec = self.config.resolve_model(name)
+        if spec is None:
+            return set_error(request, 404, f"model {name[:200]!r} is not served by this node",
+                             "model_not_found")
+        wants_embedding = ROUTES[request.path]
+        if spec.embedding != wants_embedding:
+            what = "an embedding model" if spec.embedding else "not an embedding model"
+            return set_error(request, 400, f"model {spec.name!r} is {what}; it cannot serve "
+                             f"{request.path.decode()}", "wrong_model_kind")
+        if self.node.bin_error is not None:
+            return set_error(request, 503, self.node.bin_error, "llama_server_missing")
+        if not spec.available():
+            return set_error(request, 503, f"model {spec.name!r} is unavailable: file {spec.path} "
+                             "is missing or unreadable", "model_unavailable")
+        try:
+            slot = self.node.choose(spec)
+        except AllBusy as exc:
+            return set_error(request, 429, str(exc), "queue_full", headers={"Retry-After": "1"})
+        except (NoDevice, NotReady) as exc:
+            return set_error(request, 503, str(exc), "no_device")
+        stream = payload.get("stream") is True
+        _Exchange(self, request, body, spec.name, slot, stream).begin()
+        return NOT_DONE_YET
+
+
+class _Relay(Protocol):
+    """Receives the upstream body; produces it into the client request."""
+
+    def __init__(self, exchange: "_Exchange") -> None:
+        self.exchange = exchange
+
+    def connectionMade(self) -> None:
+        self.exchange.upstream = self.transport
+        self.exchange.request.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.exchange.chunk(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.exchange.body_done(reason)
+
+    # IPushProducer, driven by the client connection
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
+class _Exchange:
+    """One proxied request, from queue place to last byte."""
+
+    __slots__ = ("proxy", "request", "body", "model", "slot", "stream", "lease", "pending", "upstream",
+                 "timer", "client_gone", "timed_out", "finished", "status")
+
+    def __init__(self, proxy: ProxyResource, request: Any, body: bytes, model: str, slot: Any,
+                 stream: bool) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.body = body
+        self.model = model
+        self.slot = slot
+        self.stream = stream
+        self.lease: Any = None
+        self.pending: Any = None
+        self.upstream: Any = None
+        self.timer: Any = None
+        self.client_gone = False
+        self.timed_out = False
+        self.finished = False
+        self.status = 0
+
+    def begin(self) -> None:
+        self.request.notifyFinish().addErrback(self._client_lost)
+        spec = self.proxy.config.models[self.model]
+        self.pending = self.slot.acquire(spec)
+        self.pending.addCallbacks(self._granted, self._refused)
+
+    # ---------------------------------------------------------------- queue
+
+    def _refused(self, failure: Failure) -> None:
+        self.pending = None
+        if failure.check(CancelledError) or self.client_gone:
+            return
+        if failure.check(QueueFull):
+            self._error(429, str(failure.value), "queue_full", {"Retry-After": "1"})
+        elif failure.check(ChildStartError):
+            self._error(503, str(failure.value), "model_not_ready")
+        else:
+            log.failure("request for {model} failed before reaching a child", failure, model=self.model)
+            self._error(500, f"internal error: {failure.getErrorMessage()}", "internal_error")
+
+    def _granted(self, lease: Any) -> None:
+        self.pending = None
+        self.lease = lease
+        if self.client_gone:
+            self._release()
+            return
+        request = self.request
+        request.setHeader(b"x-rolemesh-device", self.slot.id.encode())
+        headers = Headers({
+            b"content-type": [b"application/json"],
+            b"accept": [request.getHeader(b"accept") or b"*/*"],
+            b"x-request-id": [request.responseHeaders.getRawHeaders(b"x-request-id")[0]],
+        })
+        url = b"http://127.0.0.1:%d%s" % (lease.port, request.path)
+        reactor = self.proxy.reactor
+        self.timer = reactor.callLater(self.proxy.config.request_timeout_s, self._timeout)
+        self.pending = self.proxy.agent.request(b"POST", url, headers, BytesProducer(self.body))
+        self.pending.addCallbacks(self._response, self._upstream_failed)
+
+    # ------------------------------------------------------------- upstream
+
+    def _response(self, response: Any) -> None:
+        self.pending = None
+        if self.client_gone:
+            response.deliverBody(_Discard())
+            return
+        request = self.request
+        self.status = response.code
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in HOP_BY_HOP:
+                out.setRawHeaders(name, values)
+        response.deliverBody(_Relay(self))
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self.pending = None
+        self._cancel_timer()
+        if not self.client_gone:
+            if self.timed_out:
+                self._error(504, f"the llama-server for model {self.model!r} on device {self.slot.id} "
+                            f"did not answer within request_timeout_s={self.proxy.config.request_timeout_s:g}s",
+                            "upstream_timeout")
+            else:
+                self._error(502, f"the llama-server for model {self.model!r} on device {self.slot.id} "
+                            f"failed: {_describe(failure)}", "upstream_failed")
+        self._release()
+
+    def chunk(self, data: bytes) -> None:
+        if self.timer is not None:
+            self.timer.reset(self.proxy.config.request_timeout_s)
+        if not self.client_gone:
+            self.request.write(data)
+
+    def body_done(self, reason: Failure) -> None:
+        self._cancel_timer()
+        request = self.request
+        if not self.client_gone:
+            request.unregisterProducer()
+            if reason.check(ResponseDone, PotentialDataLoss):
+                self._finish()
+            elif self.stream:
+                why = "timed out" if self.timed_out else _describe(reason)
+                message = f"the llama-server for model {self.model!r} on device {self.slot.id} failed mid-stream: {why}"
+                request.write(b"data: " + error_body(502, message, "upstream_failed") + b"\n\n")
+                self._finish()
+            else:
+                log.warn("upstream body for {model} on {device} broke off: {why}", model=self.model,
+                         device=self.slot.id, why=_describe(reason))
+                self.finished = True
+                request.loseConnection()
+        self._release()
+
+    # ---------------------------------------------------------------- client
+
+    def _client_lost(self, failure: Failure) -> None:
+        if self.finished:
+            return
+        self.client_gone = True
+        self._cancel_timer()
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+        if self.upstream is not None:
+            self.upstream.stopProducing()
+        if self.lease is not None:
+            self._release()
+
+    def _timeout(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        if self.pending is not None:
+            self.pending.cancel()
+        elif self.upstream is not None:
+            self.upstream.stopProducing()
+
+    # --------------------------------------------------------------- helpers
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.request.finish()
+
+    def _error(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        body = set_error(self.request, status, message, code, headers=headers)
+        self.request.setHeader(b"content-length", str(len(body)).encode())
+        self.request.write(body)
+        self._finish()
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def _describe(failure: Failure) -> str:
+    value = failure.value
+    reasons = getattr(value, "reasons", None)  # ResponseFailed / ResponseNeverReceived wrap others
+    if reasons:
+        return "; ".join(_describe(r) for r in reasons)
+    text = str(value) or type(value).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,163 @@
+"""``makeService(config)``: the whole node as one ``MultiService``.
+
+Children, started in this order and stopped in the reverse one:
+
+1. :class:`NodeRuntime` — device discovery, the device slots and their
+   ``llama-server`` children, the periodic metrics sample. Stopping it stops
+   every child and fires only when all have exited.
+2. :class:`HttpListener` — the HTTP port (Klein app + proxy resource).
+3. the dispatcher link (when ``dispatcher_base_url`` is set) — stopped first,
+   so it deregisters while the node still serves.
+
+Only :func:`makeService` touches the global reactor; everything below takes
+it as an argument.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import treq.client
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from .api import NodeAPI
+from .config import NodeConfig
+from .identity import node_id as resolve_node_id
+from .node import Node
+from .proxy import ROUTES, ProxyResource
+from .web import RootResource, make_site
+
+log = Logger()
+
+
+class _QuietPool(HTTPConnectionPool):
+    """A pool whose per-connection factories do not log "Starting factory"."""
+
+    class _factory(HTTPConnectionPool._factory):  # type: ignore[name-defined,misc]
+        noisy = False
+
+
+def make_pool(reactor: Any, config: NodeConfig) -> HTTPConnectionPool:
+    pool = _QuietPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max(4, 2 * config.max_concurrent_requests_per_device)
+    pool.cachedConnectionTimeout = 120
+    pool.retryAutomatically = False  # a POST must not be sent twice
+    return pool
+
+
+class NodeRuntime(Service):
+    """Discovery, slots and children, and the metrics loop."""
+
+    name = "node"
+
+    def __init__(self, node: Node, reactor: Any, pool: HTTPConnectionPool) -> None:
+        self.node = node
+        self.reactor = reactor
+        self.pool = pool
+        self.discovered: Deferred[Any] | None = None
+        self._metrics = LoopingCall(node.refresh_metrics)
+        self._metrics.clock = reactor
+        self._metrics_done: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.discovered = self.node.start()
+        self.discovered.addCallback(self._start_metrics)
+        self.discovered.addErrback(lambda f: log.failure("device discovery failed", f))
+
+    def _start_metrics(self, _: Any) -> None:
+        if self.running and not self._metrics.running:
+            self._metrics_done = self._metrics.start(self.node.config.metrics_interval_s, now=False)
+            self._metrics_done.addErrback(lambda f: log.failure("metrics loop stopped", f))
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._metrics.running:
+            self._metrics.stop()
+        d = self.node.stop()
+        d.addBoth(lambda _: self.pool.closeCachedConnections())
+        return d
+
+
+class HttpListener(Service):
+    """Listens on ``listen_host:listen_port``; ``port`` is the bound port."""
+
+    name = "http"
+
+    def __init__(self, reactor: Any, site: Any, host: str, port: int) -> None:
+        self.reactor = reactor
+        self.site = site
+        self.host = host
+        self.requested_port = port
+        self.listening: Any = None
+
+    @property
+    def port(self) -> int:
+        return self.listening.getHost().port
+
+    def startService(self) -> None:
+        super().startService()
+        self.listening = self.reactor.listenTCP(self.requested_port, self.site, interface=self.host)
+        log.info("rolemesh-node listening on http://{host}:{port}", host=self.host, port=self.port)
+        if not _is_loopback(self.host):
+            log.warn("listening on {host}, beyond loopback: firewall this port", host=self.host)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self.listening is None:
+            return succeed(None)
+        return maybeDeferred(self.listening.stopListening)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class NodeService(MultiService):
+    """The node: runtime, HTTP listener, dispatcher link."""
+
+    def __init__(self, config: NodeConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.pool = make_pool(reactor, config)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.http = treq.client.HTTPClient(self.agent)
+        self.node = Node(config, reactor, self.http, resolve_node_id(config))
+        self.runtime = NodeRuntime(self.node, reactor, self.pool)
+        self.runtime.setServiceParent(self)
+        self.proxy = ProxyResource(self.node, self.agent, reactor)
+        self.api = NodeAPI(self.node)
+        root = RootResource(self.proxy, ROUTES, self.api.resource())
+        self.listener = HttpListener(reactor, make_site(root, config.max_request_body_bytes),
+                                     config.listen_host, config.listen_port)
+        self.listener.setServiceParent(self)
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    def when_discovered(self) -> Deferred[Any]:
+        """Fires once devices are discovered (for tests and the demo)."""
+        assert self.runtime.discovered is not None, "start the service first"
+        d: Deferred[Any] = Deferred()
+        self.runtime.discovered.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+
+def makeService(config: NodeConfig, reactor: Any = None) -> NodeService:
+    """The node's service tree; the global reactor unless one is given."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+        reactor = global_reactor
+    return NodeService(config, reactor)

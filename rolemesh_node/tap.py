@@ -1,0 +1,36 @@
+"""``twistd rolemesh-node``: options and ``makeService`` for the twistd plugin.
+
+A bad config stops twistd before it daemonizes, with exit code 2 and the one
+line ``config error: FILE: key.path: problem`` on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from .config import ConfigError, load_config
+
+
+class Options(usage.Options):
+    synopsis = "--config PATH"
+    longdesc = "Run the RoleMesh Node Agent (see docs/operations.md)."
+    optParameters = [["config", "c", None, "Path to the node's YAML config file (required)."]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config PATH is required")
+        try:
+            self.node_config = load_config(self["config"])
+        except ConfigError as exc:
+            sys.stderr.write(f"{exc}\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+
+
+def makeService(options: Options) -> Any:
+    from .service import makeService as make
+
+    return make(options.node_config)
