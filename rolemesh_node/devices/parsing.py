@@ -127,11 +127,13 @@ def load_json(data: bytes | str) -> Any | None:
 
 
 def get_ci(mapping: Mapping[str, Any], *names: str) -> Any:
-    """The first of ``names`` present in ``mapping``, compared case-insensitively."""
+    """The value of the first of ``names`` in ``mapping`` (keys compared case-insensitively)
+    that holds a value — ``"N/A"`` and the like are passed over."""
     lowered = {str(k).lower(): v for k, v in mapping.items()}
     for name in names:
-        if name.lower() in lowered:
-            return lowered[name.lower()]
+        value = lowered.get(name.lower())
+        if not is_missing(unwrap(value)[0]):
+            return value
     return None
 
 
