@@ -57,8 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .logs import level_observer
     from .service import makeService
 
-    globalLogBeginner.beginLoggingTo([level_observer(sys.stdout, config.log_level)], redirectStandardIO=False)
-    service = makeService(config, reactor)
+    try:
+        service = makeService(config, reactor)  # reads the dispatcher token file
+    except ConfigError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 2
     try:
         service.startService()
     except CannotListenError as exc:
@@ -66,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         service.stopService()
         return 1
+    globalLogBeginner.beginLoggingTo([level_observer(sys.stdout, config.log_level)], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # After Twisted installed its handlers (SIGCHLD is needed to reap children).
     reactor.callWhenRunning(_stop_on_signals, reactor)

@@ -1,13 +1,14 @@
 """``makeService(config)``: the whole node as one ``MultiService``.
 
-Children, started in this order and stopped in the reverse one:
+Children, started in this order (``MultiService`` stops them all at once, each
+``stopService`` returning a Deferred; the whole stop fires when every one has):
 
 1. :class:`NodeRuntime` — device discovery, the device slots and their
    ``llama-server`` children, the periodic metrics sample. Stopping it stops
    every child and fires only when all have exited.
 2. :class:`HttpListener` — the HTTP port (Klein app + proxy resource).
-3. the dispatcher link (when ``dispatcher_base_url`` is set) — stopped first,
-   so it deregisters while the node still serves.
+3. the dispatcher link (when ``dispatcher_base_url`` is set) — it
+   deregisters on stop, bounded to a couple of seconds.
 
 Only :func:`makeService` touches the global reactor; everything below takes
 it as an argument.
@@ -27,6 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from .api import NodeAPI
 from .config import NodeConfig
+from .dispatcher import DispatcherLink, default_advertise_url
 from .identity import node_id as resolve_node_id
 from .node import Node
 from .proxy import ROUTES, ProxyResource
@@ -142,6 +144,14 @@ class NodeService(MultiService):
         self.listener = HttpListener(reactor, make_site(root, config.max_request_body_bytes),
                                      config.listen_host, config.listen_port)
         self.listener.setServiceParent(self)
+        self.dispatcher: DispatcherLink | None = None
+        if config.dispatcher_base_url:
+            # Looked up once, here, before the reactor runs (it may resolve the host name).
+            fixed = default_advertise_url(config) if config.listen_port else None
+            self.dispatcher = DispatcherLink(
+                reactor=reactor, http=self.http, node=self.node, config=config,
+                advertise_url=fixed or (lambda: default_advertise_url(config, port=self.port)))
+            self.dispatcher.setServiceParent(self)
 
     @property
     def port(self) -> int:

@@ -33,4 +33,9 @@ class Options(usage.Options):
 def makeService(options: Options) -> Any:
     from .service import makeService as make
 
-    return make(options.node_config)
+    try:
+        return make(options.node_config)  # reads the dispatcher token file
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
