@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .config import ModelSpec, NodeConfig
 from .crashes import CrashTracker
@@ -146,8 +147,12 @@ class DeviceSlot:
         http: Any,
         bin_path: Callable[[], str],
         base_env: dict[str, str] | None = None,
+        child_factory: Callable[..., LlamaServerChild] = LlamaServerChild,
+        port_picker: Callable[[], int] = free_port,
     ) -> None:
         self.device = device
+        self._child_factory = child_factory
+        self._port_picker = port_picker
         self.backend = backend
         self.config = config
         self.reactor = reactor
@@ -252,10 +257,10 @@ class DeviceSlot:
     def _switched(self, result: Any, model: str) -> None:
         waiters = self._starting.pop(model, [])
         for d in waiters:
-            if isinstance(result, LlamaServerChild):
-                d.callback(result)
-            else:
+            if isinstance(result, Failure):
                 d.errback(result)
+            else:
+                d.callback(result)
 
     @inlineCallbacks
     def _switch(self, model: ModelSpec) -> Any:
@@ -276,13 +281,13 @@ class DeviceSlot:
         self.state = SlotState.STARTING
         error: ChildStartError | None = None
         for _attempt in range(PORT_ATTEMPTS):
-            port = free_port()
+            port = self._port_picker()
             try:
                 bin_path = self._bin_path()
             except Exception as exc:
                 error = ChildStartError(self.id, model.name, str(exc))
                 break
-            child = LlamaServerChild(
+            child = self._child_factory(
                 reactor=self.reactor, http=self.http, device_id=self.id, model=model.name,
                 argv=child_argv(bin_path, model, port, self.config, self.backend, self.device),
                 env=self.backend.child_env(self.device, self.base_env), port=port,

@@ -53,6 +53,8 @@ ROUTES = {
     b"/v1/embeddings": True,
 }
 
+#: not relayed: hop-by-hop headers, the child's own Server/Date, and (below) its
+#: CORS headers — the child allows every origin, the node does not.
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"server", b"date",
@@ -252,7 +254,8 @@ class _Exchange:
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in HOP_BY_HOP:
+            lower = name.lower()
+            if lower not in HOP_BY_HOP and not lower.startswith(b"access-control-"):
                 out.setRawHeaders(name, values)
         response.deliverBody(_Relay(self))
 
