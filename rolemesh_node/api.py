@@ -58,11 +58,13 @@ class NodeAPI:
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Any, failure: Failure) -> bytes:
+        request.setHeader(b"x-request-id", request_id(request))
         path = request.path.decode("utf-8", "replace")[:200]
         return set_error(request, 404, f"no route {path!r} on this node", "not_found")
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request: Any, failure: Failure) -> bytes:
+        request.setHeader(b"x-request-id", request_id(request))
         allowed = getattr(failure.value, "valid_methods", None) or []
         method = request.method.decode("latin-1")
         return set_error(request, 405, f"{method} is not allowed on {request.path.decode('utf-8', 'replace')}",

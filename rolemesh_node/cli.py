@@ -11,10 +11,9 @@ bad command line or config (``config error: FILE: key.path: problem``).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from . import __version__
 from .config import ConfigError, load_config
@@ -56,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .logs import level_observer
     from .service import makeService
+    from .signals import install_stop_handlers
 
     try:
         service = makeService(config, reactor)  # reads the dispatcher token file
@@ -72,32 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo([level_observer(sys.stdout, config.log_level)], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # After Twisted installed its handlers (SIGCHLD is needed to reap children).
-    reactor.callWhenRunning(_stop_on_signals, reactor)
+    reactor.callWhenRunning(install_stop_handlers, reactor)
     reactor.run()
     return 0
-
-
-def _stop_on_signals(reactor: Any) -> None:
-    """SIGINT/SIGTERM stop the reactor once; a second signal while stopping is
-    only logged (Twisted's own handler would log a ReactorNotRunning error)."""
-    from twisted.logger import Logger
-
-    log = Logger(namespace="rolemesh_node.cli")
-    stopping = []
-
-    def stop() -> None:
-        if stopping:
-            log.info("already stopping; waiting for the children to exit")
-            return
-        stopping.append(True)
-        reactor.stop()
-
-    def handler(signum: int, frame: Any) -> None:
-        log.info("received {name}, stopping", name=signal.Signals(signum).name)
-        reactor.callFromThread(stop)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
 
 
 if __name__ == "__main__":  # python -m rolemesh_node.cli

@@ -255,6 +255,11 @@ class DeviceSlot:
         return d
 
     def _switched(self, result: Any, model: str) -> None:
+        if isinstance(result, Failure) and not result.check(ChildStartError):
+            log.failure("device {device}: starting {model} failed unexpectedly", result, device=self.id,
+                        model=model)
+            self.state = SlotState.FAILED
+            self.last_error = f"{model}: internal error: {result.getErrorMessage()}"
         waiters = self._starting.pop(model, [])
         for d in waiters:
             if isinstance(result, Failure):

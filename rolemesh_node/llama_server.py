@@ -232,12 +232,13 @@ class LlamaServerChild(ProcessProtocol):
         d: Deferred[ExitInfo] = Deferred()
         self._exit_waiters.append(d)
         if self.state is not ChildState.STOPPING:
-            if self.state is ChildState.STARTING:
-                self._fail_start("stopped before it was ready")
+            was_starting = self.state is ChildState.STARTING
             self.state = ChildState.STOPPING
             self._cancel_timers()
             self._signal("TERM")
             self._kill_call = self.reactor.callLater(grace_s, self._signal, "KILL")
+            if was_starting:
+                self._fail_start("stopped before it was ready")
         return d
 
     def kill(self) -> None:
@@ -390,11 +391,12 @@ class LlamaServerChild(ProcessProtocol):
             return
         reason = (f"not ready within llama_server_startup_timeout_s={self.startup_timeout_s:g}s "
                   f"(last probe: {self.last_probe})")
-        self._fail_start(reason)
-        # The exit that follows is expected: we killed it.
+        # Kill first, then tell the waiters: they may call stop() at once, which
+        # must find the child already stopping. The exit that follows is expected.
         self.state = ChildState.STOPPING
         self._cancel_timers()
         self.kill()
+        self._fail_start(reason)
 
     def _fail_start(self, reason: str, port_in_use: bool = False) -> None:
         waiters, self._ready_waiters = self._ready_waiters, []

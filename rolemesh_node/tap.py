@@ -31,8 +31,13 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> Any:
-    from .service import makeService as make
+    from twisted.internet import reactor
 
+    from .service import makeService as make
+    from .signals import install_stop_handlers
+
+    # Exit 0 after a clean stop on SIGTERM/SIGINT (twistd would re-raise the signal).
+    reactor.callWhenRunning(install_stop_handlers, reactor)
     try:
         return make(options.node_config)  # reads the dispatcher token file
     except ConfigError as exc:

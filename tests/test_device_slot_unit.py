@@ -7,8 +7,8 @@ from twisted.internet.defer import CancelledError
 
 from rolemesh_node.config import ModelSpec, NodeConfig
 from rolemesh_node.device_slot import DeviceSlot, ModelCoolingDown, QueueFull, SlotState
-from rolemesh_node.devices.cpu import CpuBackend
 from rolemesh_node.devices.base import DeviceRef
+from rolemesh_node.devices.cpu import CpuBackend
 from rolemesh_node.llama_server import ChildStartError
 from tests.fakes import FakeChild, ProcessClock
 
@@ -149,6 +149,7 @@ def test_crash_is_noticed_and_next_request_restarts(models):
     assert len(FakeChild.instances) == 2
 
 
+@pytest.mark.allow_errors
 def test_repeated_crashes_put_the_model_in_cooldown(models):
     slot, reactor = make_slot(models, crash_limit=3, crash_window_s=60.0, crash_cooldown_s=300.0)
     for i in range(3):

@@ -89,6 +89,7 @@ def test_startup_timeout_kills_and_fails_with_a_typed_error():
     assert child.state is ChildState.EXITED and child.exit.expected
 
 
+@pytest.mark.allow_errors
 def test_exit_during_startup_fails_fast_with_stderr_tail():
     reactor, http = ProcessClock(), ScriptedHTTP()
     http.loading()
@@ -106,6 +107,7 @@ def test_exit_during_startup_fails_fast_with_stderr_tail():
     assert reactor.getDelayedCalls() == []
 
 
+@pytest.mark.allow_errors
 def test_port_in_use_is_recognised():
     reactor, http = ProcessClock(), ScriptedHTTP()
     child = make_child(reactor, http)

@@ -1,0 +1,144 @@
+"""Upstream failures through the real proxy over loopback: a misbehaving fake llama-server.
+
+The child here is a real twisted.web server on a loopback port that hangs,
+breaks off mid-body or is not there at all; the node under test is the real
+service. Each case must answer the client cleanly and release the slot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from rolemesh_node.llama_server import ChildState, free_port
+
+BEHAVIOURS = ("hang", "midstream", "midplain", "stall", "refused", "ok")
+
+
+class MisbehavingLlama(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[Any] = []
+
+    def render_POST(self, request: Any) -> Any:
+        model = json.loads(request.content.read())["model"]
+        self.open.append(request)
+        if model == "hang":
+            return NOT_DONE_YET
+        if model == "ok":
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"ok": true}'
+        if model in ("midstream", "stall"):
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n')
+            if model == "midstream":
+                reactor.callLater(0.05, request.channel.transport.abortConnection)
+            return NOT_DONE_YET
+        # midplain: promise 1000 bytes, send 10, break off
+        request.setHeader(b"content-length", b"1000")
+        request.write(b"0123456789")
+        reactor.callLater(0.05, request.channel.transport.abortConnection)
+        return NOT_DONE_YET
+
+
+class FakeReadyChild:
+    """A "child" that is ready at once and points at the misbehaving server."""
+
+    def __init__(self, upstream_port: int, **kwargs: Any) -> None:
+        self.model = kwargs["model"]
+        self.port = upstream_port
+        self.state = ChildState.READY
+        self.pid = None
+        self.started_at = self.ready_at = None
+        self.tail: list[str] = []
+
+    def start(self) -> Any:
+        return succeed(self)
+
+    def stop(self, grace_s: float) -> Any:
+        self.state = ChildState.EXITED
+        return succeed(None)
+
+
+@pytest.fixture
+def upstream() -> Any:
+    resource = MisbehavingLlama()
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    yield port.getHost().port
+    for request in resource.open:
+        if not request.finished and request.channel is not None:
+            request.channel.transport.abortConnection()
+    port.stopListening()
+
+
+async def start_node(node_service: Any, tiny_models: dict[str, Path], upstream_port: int) -> Any:
+    config = {"backend": "cpu", "request_timeout_s": 0.5, "max_pending_requests_per_device": 4,
+              "models": {name: {"path": tiny_models["tiny-a"]} for name in BEHAVIOURS}}
+    service = await node_service(config)
+    slot = service.node.slots["cpu:0"]
+    dead = free_port()  # nothing listens there
+
+    def factory(**kwargs: Any) -> FakeReadyChild:
+        return FakeReadyChild(dead if kwargs["model"] == "refused" else upstream_port, **kwargs)
+
+    slot._child_factory = factory
+    return service, slot
+
+
+def post(service: Any, model: str, stream: bool = False) -> Any:
+    body = json.dumps({"model": model, "stream": stream, "messages": []}).encode()
+    return treq.post(f"http://127.0.0.1:{service.port}/v1/chat/completions", data=body, persistent=False,
+                     unbuffered=True)
+
+
+@pytest.mark.parametrize("model, status, code", [
+    ("refused", 502, "upstream_failed"),
+    ("hang", 504, "upstream_timeout"),
+])
+@pytest_twisted.ensureDeferred
+async def test_failures_before_the_response(node_service, tiny_models, upstream, model, status, code):
+    service, slot = await start_node(node_service, tiny_models, upstream)
+    response = await post(service, model)
+    doc = json.loads(await response.content())
+    assert response.code == status and doc["error"]["code"] == code
+    assert "cpu:0" in doc["error"]["message"] and model in doc["error"]["message"]
+    assert slot.pending == 0
+    ok = await post(service, "ok")
+    assert ok.code == 200 and json.loads(await ok.content()) == {"ok": True}
+
+
+@pytest.mark.parametrize("model, why", [("midstream", "failed mid-stream"), ("stall", "timed out")])
+@pytest_twisted.ensureDeferred
+async def test_mid_stream_failure_ends_with_an_sse_error_event(node_service, tiny_models, upstream, model, why):
+    service, slot = await start_node(node_service, tiny_models, upstream)
+    response = await post(service, model, stream=True)
+    assert response.code == 200
+    body = await response.content()
+    events = [e for e in body.split(b"\n\n") if e.strip()]
+    assert events[0].startswith(b'data: {"choices"')
+    last = json.loads(events[-1][len(b"data: "):])
+    assert last["error"]["code"] == "upstream_failed" and why in last["error"]["message"]
+    assert slot.pending == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_mid_body_failure_of_a_plain_response_aborts_the_client_connection(node_service, tiny_models,
+                                                                                   upstream):
+    service, slot = await start_node(node_service, tiny_models, upstream)
+    response = await post(service, "midplain")
+    assert response.code == 200
+    with pytest.raises(Exception) as info:
+        await response.content()  # 10 of 1000 promised bytes: the client must not take it as complete
+    assert "ResponseFailed" in type(info.value).__name__ or "PotentialDataLoss" in repr(info.value)
+    assert slot.pending == 0
