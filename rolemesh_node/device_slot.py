@@ -352,12 +352,28 @@ class DeviceSlot:
             self.state = SlotState.CRASHED
             self.crash_count += 1
             tail = " / ".join(list(child.tail)[-3:])
-            self.last_error = f"{child.model} crashed: {info.describe()}; last stderr: {tail}"
+            if child.hung_reason:
+                self.last_error = f"{child.model} was unresponsive ({child.hung_reason}) and was killed"
+            else:
+                self.last_error = f"{child.model} crashed: {info.describe()}; last stderr: {tail}"
             self._emit("crash", model=child.model)
             cooldown = self.crashes.record(child.model, info.describe())
             if cooldown is not None:
                 log.error("device {device}: model {model} in cooldown: {reason}", device=self.id,
                           model=child.model, reason=cooldown.reason)
+
+    def child_unresponsive(self, child: LlamaServerChild, reason: str) -> None:
+        """A request timed out on ``child``: take it for hung and replace it.
+
+        It is SIGKILLed (SIGTERM would wait behind a SIGSTOP); its exit is then
+        handled as a crash, so the next request starts a fresh child.
+        """
+        if child is not self.child or child.state is not ChildState.READY:
+            return
+        log.error("device {device}: llama-server pid {pid} ({model}) is unresponsive ({reason}); killing it",
+                  device=self.id, pid=child.pid, model=child.model, reason=reason)
+        child.hung_reason = reason
+        child.kill()
 
     def _stop_child(self) -> Deferred[Any]:
         child = self.child

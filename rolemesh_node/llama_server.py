@@ -184,6 +184,7 @@ class LlamaServerChild(ProcessProtocol):
         self.exit: ExitInfo | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.last_probe = "not probed yet"
+        self.hung_reason: str | None = None  # set when the agent killed it for not answering
         self._ready_waiters: list[Deferred[LlamaServerChild]] = []
         self._exit_waiters: list[Deferred[ExitInfo]] = []
         self._partial = {1: b"", 2: b""}

@@ -262,6 +262,8 @@ class _Exchange:
     def _upstream_failed(self, failure: Failure) -> None:
         self.pending = None
         self._cancel_timer()
+        if self.timed_out:
+            self._unresponsive()
         if not self.client_gone:
             if self.timed_out:
                 self._error(504, f"the llama-server for model {self.model!r} on device {self.slot.id} "
@@ -280,6 +282,8 @@ class _Exchange:
 
     def body_done(self, reason: Failure) -> None:
         self._cancel_timer()
+        if self.timed_out:
+            self._unresponsive()
         request = self.request
         if not self.client_gone:
             request.unregisterProducer()
@@ -321,6 +325,11 @@ class _Exchange:
             self.upstream.stopProducing()
 
     # --------------------------------------------------------------- helpers
+
+    def _unresponsive(self) -> None:
+        if self.lease is not None and self.lease.child is not None:
+            self.slot.child_unresponsive(self.lease.child, f"no answer within request_timeout_s="
+                                         f"{self.proxy.config.request_timeout_s:g}s")
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -101,6 +101,7 @@ class FakeChild:
         self.ready_at = None
         self.ready_d: Deferred[Any] = Deferred()
         self.stop_calls = 0
+        self.hung_reason = None
         FakeChild.instances.append(self)
 
     def start(self) -> Deferred[Any]:
