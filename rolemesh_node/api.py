@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .errors import set_error
+from .metrics import CONTENT_TYPE
 from .node import Node
 from .proxy import request_id
 
@@ -28,8 +29,9 @@ def _json(request: Any, doc: Any, status: int = 200) -> bytes:
 class NodeAPI:
     app = Klein()
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, metrics: Any = None) -> None:
         self.node = node
+        self.metrics = metrics
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -55,6 +57,13 @@ class NodeAPI:
     def inventory(self, request: Any) -> bytes:
         request.setHeader(b"x-request-id", request_id(request))
         return _json(request, self.node.inventory_json())
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus(self, request: Any) -> bytes:
+        if self.metrics is None:
+            return set_error(request, 404, "metrics are off on this node", "not_found")
+        request.setHeader(b"content-type", CONTENT_TYPE.encode())
+        return self.metrics.render()
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Any, failure: Failure) -> bytes:

@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import yaml
@@ -93,6 +94,13 @@ class NodeConfig:
     crash_limit: int = 3
     crash_window_s: float = 60.0
     crash_cooldown_s: float = 300.0
+    # inbound auth and limits
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_key_file: Path | None = None
+    max_client_connections: int = 1024
+    header_read_timeout_s: float = 30.0
+    client_idle_timeout_s: float = 120.0
+    access_log: bool = True
     # request path
     max_pending_requests_per_device: int = 2
     max_concurrent_requests_per_device: int = 1
@@ -105,7 +113,7 @@ class NodeConfig:
     heartbeat_interval_s: float = 10.0
     dispatcher_timeout_s: float = 5.0
     # models
-    models: Mapping[str, ModelSpec] = field(default_factory=dict)
+    models: Mapping[str, ModelSpec] = field(default_factory=lambda: MappingProxyType({}))
 
     def resolve_model(self, name: str) -> ModelSpec | None:
         """The model called ``name``, directly or through an alias."""
@@ -197,6 +205,15 @@ def _child_args(value: Any, path: str) -> tuple[str, ...]:
         if flag in RESERVED_CHILD_FLAGS:
             raise _Bad(f"{path}[{i}]", f"{flag} is set by the agent and may not be given here")
     return args
+
+
+def _api_keys(value: Any, path: str) -> tuple[str, ...]:
+    keys = _str_list(value, path)
+    for i, key in enumerate(keys):
+        if len(key) < 16 or any(c.isspace() for c in key):
+            # the problem names the index, never the key (config errors are printed)
+            raise _Bad(f"{path}[{i}]", "an API key must be at least 16 characters without white space")
+    return keys
 
 
 def _devices(value: Any, path: str) -> tuple[int, ...] | None:
@@ -315,6 +332,12 @@ def _fields(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "crash_limit": lambda v, p: _int(v, p, lo=1),
         "crash_window_s": _positive_float,
         "crash_cooldown_s": _positive_float,
+        "api_keys": _api_keys,
+        "api_key_file": _opt_path(base),
+        "max_client_connections": lambda v, p: _int(v, p, lo=1),
+        "header_read_timeout_s": _positive_float,
+        "client_idle_timeout_s": _positive_float,
+        "access_log": _bool,
         "max_pending_requests_per_device": lambda v, p: _int(v, p, lo=1),
         "max_concurrent_requests_per_device": lambda v, p: _int(v, p, lo=1),
         "max_request_body_bytes": lambda v, p: _int(v, p, lo=1024),
@@ -391,6 +414,8 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
                        f"must not exceed max_pending_requests_per_device ({pending})")
     except _Bad as bad:
         raise ConfigError(source, bad.path, bad.problem) from None
+    if "models" in values:
+        values["models"] = MappingProxyType(values["models"])  # frozen all the way down
     return NodeConfig(source=source, **values)
 
 

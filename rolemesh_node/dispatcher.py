@@ -368,6 +368,8 @@ class DispatcherLink(Service):
         self.state = LinkState.STOPPED
         self.seq = 0  #: the last heartbeat sequence number sent (per process, never reset)
         self.registrations = 0  #: successful registrations so far
+        #: totals since start, read by the Prometheus collector
+        self.counts = {"register_ok": 0, "register_failed": 0, "heartbeat_ok": 0, "heartbeat_failed": 0}
         self._register_attempt = 0
         self._register_failures = _FailureRun(log_every)
         self._heartbeat_failures = _FailureRun(log_every)
@@ -450,6 +452,7 @@ class DispatcherLink(Service):
         failures = self._register_failures.succeeded()
         self._register_attempt = 0
         self.registrations += 1
+        self.counts["register_ok"] += 1
         self._registered_signature = self._pending_signature
         self.state = LinkState.REGISTERED
         log.info("registered with the dispatcher at {dispatcher} as {node_id}"
@@ -461,6 +464,7 @@ class DispatcherLink(Service):
     def _register_failed(self, failure: Failure) -> None:
         if not self.running:
             return  # cancelled by stopService
+        self.counts["register_failed"] += 1
         self.state = LinkState.UNREGISTERED
         delay = self.register_backoff.delay(self._register_attempt)
         self._register_attempt += 1
@@ -521,6 +525,7 @@ class DispatcherLink(Service):
         return heartbeat_payload(self.node, self.seq, self.wallclock())
 
     def _beat_ok(self, _body: bytes) -> None:
+        self.counts["heartbeat_ok"] += 1
         failures = self._heartbeat_failures.succeeded()
         self._skip_beats = 0
         if failures:
@@ -529,6 +534,7 @@ class DispatcherLink(Service):
     def _beat_failed(self, failure: Failure) -> None:
         if not self.running:
             return  # cancelled by stopService
+        self.counts["heartbeat_failed"] += 1
         if failure.check(DispatcherError) and failure.value.forgotten:
             self._forget(f"it answered a heartbeat with HTTP {failure.value.status}")
             return

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from time import perf_counter
 from typing import Any
 
 from twisted.internet.defer import CancelledError, succeed
@@ -106,9 +107,19 @@ class ProxyResource:
         self.agent = agent
         self.reactor = reactor
         self.config = node.config
-        self.listeners: list[Any] = []  # called as f(event, fields) — metrics hook
+        self.metrics: Any = None  # a NodeMetrics, when metrics are on
+        self._clock = perf_counter
 
     def render(self, request: Any) -> Any:
+        started = self._clock()
+        answer = self._render(request, started)
+        if answer is not NOT_DONE_YET and self.metrics is not None:
+            model = getattr(request, "rolemesh_model", None)
+            self.metrics.request_done(request.path.decode("latin-1"), model, request.code,
+                                      self._clock() - started)
+        return answer
+
+    def _render(self, request: Any, started: float) -> Any:
         rid = request_id(request)
         request.setHeader(b"x-request-id", rid)
         if request.method != b"POST":
@@ -129,6 +140,8 @@ class ProxyResource:
             return set_error(request, 400, "'model' is required and must be a non-empty string",
                              "missing_model")
         spec = self.config.resolve_model(name)
+        if spec is not None:
+            request.rolemesh_model = spec.name
         if spec is None:
             return set_error(request, 404, f"model {name[:200]!r} is not served by this node",
                              "model_not_found")
@@ -149,7 +162,7 @@ class ProxyResource:
         except (NoDevice, NotReady) as exc:
             return set_error(request, 503, str(exc), "no_device")
         stream = payload.get("stream") is True
-        _Exchange(self, request, body, spec.name, slot, stream).begin()
+        _Exchange(self, request, body, spec.name, slot, stream, started).begin()
         return NOT_DONE_YET
 
 
@@ -184,10 +197,10 @@ class _Exchange:
     """One proxied request, from queue place to last byte."""
 
     __slots__ = ("proxy", "request", "body", "model", "slot", "stream", "lease", "pending", "upstream",
-                 "timer", "client_gone", "timed_out", "finished", "status")
+                 "timer", "client_gone", "timed_out", "finished", "status", "started", "counted")
 
     def __init__(self, proxy: ProxyResource, request: Any, body: bytes, model: str, slot: Any,
-                 stream: bool) -> None:
+                 stream: bool, started: float) -> None:
         self.proxy = proxy
         self.request = request
         self.body = body
@@ -202,6 +215,8 @@ class _Exchange:
         self.timed_out = False
         self.finished = False
         self.status = 0
+        self.started = started
+        self.counted = False
 
     def begin(self) -> None:
         self.request.notifyFinish().addErrback(self._client_lost)
@@ -214,6 +229,8 @@ class _Exchange:
     def _refused(self, failure: Failure) -> None:
         self.pending = None
         if failure.check(CancelledError) or self.client_gone:
+            self.client_gone = True
+            self._count()
             return
         if failure.check(QueueFull):
             self._error(429, str(failure.value), "queue_full", {"Retry-After": "1"})
@@ -222,6 +239,7 @@ class _Exchange:
         else:
             log.failure("request for {model} failed before reaching a child", failure, model=self.model)
             self._error(500, f"internal error: {failure.getErrorMessage()}", "internal_error")
+        self._count()
 
     def _granted(self, lease: Any) -> None:
         self.pending = None
@@ -340,6 +358,15 @@ class _Exchange:
     def _release(self) -> None:
         if self.lease is not None:
             self.lease.release()
+        self._count()
+
+    def _count(self) -> None:
+        metrics = self.proxy.metrics
+        if metrics is not None and not self.counted:
+            self.counted = True
+            status = 499 if self.client_gone else self.status  # 499: the client closed the request
+            metrics.request_done(self.request.path.decode("latin-1"), self.model, status,
+                                 self.proxy._clock() - self.started)
 
     def _finish(self) -> None:
         self.finished = True

@@ -27,9 +27,11 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from .api import NodeAPI
+from .auth import load_api_keys
 from .config import NodeConfig
 from .dispatcher import DispatcherLink, default_advertise_url
 from .identity import node_id as resolve_node_id
+from .metrics import NodeMetrics
 from .node import Node
 from .proxy import ROUTES, ProxyResource
 from .web import RootResource, make_site
@@ -91,8 +93,9 @@ class HttpListener(Service):
 
     name = "http"
 
-    def __init__(self, reactor: Any, site: Any, host: str, port: int) -> None:
+    def __init__(self, reactor: Any, site: Any, host: str, port: int, authenticated: bool = False) -> None:
         self.reactor = reactor
+        self.authenticated = authenticated
         self.site = site
         self.host = host
         self.requested_port = port
@@ -107,7 +110,12 @@ class HttpListener(Service):
         self.listening = self.reactor.listenTCP(self.requested_port, self.site, interface=self.host)
         log.info("rolemesh-node listening on http://{host}:{port}", host=self.host, port=self.port)
         if not _is_loopback(self.host):
-            log.warn("listening on {host}, beyond loopback: firewall this port", host=self.host)
+            if self.authenticated:
+                log.info("listening on {host}, beyond loopback, with API keys; firewall this port to the "
+                         "dispatcher and clients", host=self.host)
+            else:
+                log.warn("listening on {host}, beyond loopback, WITHOUT API keys: anyone who can reach this port "
+                         "can use the node; set api_keys or api_key_file and firewall it", host=self.host)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -139,10 +147,19 @@ class NodeService(MultiService):
         self.runtime = NodeRuntime(self.node, reactor, self.pool)
         self.runtime.setServiceParent(self)
         self.proxy = ProxyResource(self.node, self.agent, reactor)
-        self.api = NodeAPI(self.node)
-        root = RootResource(self.proxy, ROUTES, self.api.resource())
-        self.listener = HttpListener(reactor, make_site(root, config.max_request_body_bytes),
-                                     config.listen_host, config.listen_port)
+        self.keys = load_api_keys(config)
+        self.metrics = NodeMetrics(self.node)
+        self.proxy.metrics = self.metrics
+        self.node.slot_listeners.append(self.metrics.slot_event)
+        self.api = NodeAPI(self.node, self.metrics)
+        root = RootResource(self.proxy, ROUTES, self.api.resource(), keys=self.keys,
+                            on_denied=lambda request: self.metrics.auth_failures.inc())
+        self.site = make_site(root, max_body_bytes=config.max_request_body_bytes,
+                              max_connections=config.max_client_connections,
+                              header_timeout_s=config.header_read_timeout_s,
+                              idle_timeout_s=config.client_idle_timeout_s, access_log=config.access_log)
+        self.listener = HttpListener(reactor, self.site, config.listen_host, config.listen_port,
+                                     authenticated=bool(self.keys))
         self.listener.setServiceParent(self)
         self.dispatcher: DispatcherLink | None = None
         if config.dispatcher_base_url:
@@ -152,6 +169,7 @@ class NodeService(MultiService):
                 reactor=reactor, http=self.http, node=self.node, config=config,
                 advertise_url=fixed or (lambda: default_advertise_url(config, port=self.port)))
             self.dispatcher.setServiceParent(self)
+            self.metrics.dispatcher = self.dispatcher
 
     @property
     def port(self) -> int:

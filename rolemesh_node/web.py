@@ -1,22 +1,35 @@
-"""HTTP plumbing: the request class, the root resource and the ``Site``.
+"""HTTP plumbing: the request and channel classes, the root resource, the ``Site``.
 
-The root sends the proxy routes straight to the lean
-:class:`~rolemesh_node.proxy.ProxyResource` and everything else to the Klein
-app (:mod:`rolemesh_node.api`), so the hot path skips Klein's routing.
-
-:class:`NodeRequest` caps what a request body may hold in memory: past
-``max_request_body_bytes`` the rest is read off the wire and dropped, and the
-request is answered 413 — a huge upload cannot fill the agent's memory.
+* The root sends the proxy routes straight to the lean
+  :class:`~rolemesh_node.proxy.ProxyResource` and everything else to the Klein
+  app (:mod:`rolemesh_node.api`), so the hot path skips Klein's routing. It
+  checks the API key (when keys are configured) on every route but
+  ``/health``.
+* :class:`NodeRequest` caps what a request body may hold in memory: past
+  ``max_request_body_bytes`` the rest is read off the wire and dropped, and the
+  request is answered 413 — a huge upload cannot fill the agent's memory.
+* :class:`NodeChannel` closes a connection whose request headers do not
+  arrive within ``header_read_timeout_s`` (slow-loris), on top of Twisted's
+  idle timeout (``client_idle_timeout_s``).
+* :class:`NodeSite` answers connections beyond ``max_client_connections``
+  with a 503 and closes them, instead of serving without bound.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Callable
 
+from twisted.internet.protocol import Protocol
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
+
+from .auth import ApiKeys
+from .errors import error_body, set_error
+
+UNAUTHENTICATED_PATHS = frozenset({b"/health"})
 
 
 class _CappedBody(io.BytesIO):
@@ -48,19 +61,103 @@ class NodeRequest(Request):
         return isinstance(content, _CappedBody) and content.overflow
 
 
+class NodeChannel(HTTPChannel):
+    """An ``HTTPChannel`` with a deadline for each request's headers."""
+
+    header_timeout_s = 30.0
+    _header_timer: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm_header_timer()
+        self.factory.connection_opened()
+
+    def allHeadersReceived(self) -> None:
+        self._disarm_header_timer()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.persistent:  # kept alive: the next request's headers have a deadline too
+            self._arm_header_timer()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm_header_timer()
+        self.factory.connection_closed()
+        super().connectionLost(reason)
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.callLater(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm_header_timer(self) -> None:
+        timer, self._header_timer = self._header_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+class _Refuse(Protocol):
+    """Answers one 503 and closes: the connection cap is reached."""
+
+    def connectionMade(self) -> None:
+        body = error_body(503, "this node has too many open connections (max_client_connections); retry later",
+                          "too_many_connections")
+        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+        self.transport.loseConnection()
+
+
+class NodeSite(Site):
+    protocol = NodeChannel
+    max_connections = 1024
+
+    def __init__(self, resource: Any, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.open_connections >= self.max_connections:
+            refuse = _Refuse()
+            refuse.factory = self
+            return refuse
+        return super().buildProtocol(addr)
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+
+
 @implementer(IResource)
 class RootResource:
-    """Dispatch by path: proxy routes to the proxy, the rest to Klein."""
+    """Authenticate, then dispatch by path: proxy routes to the proxy, the rest to Klein."""
 
     isLeaf = True
 
-    def __init__(self, proxy: Any, proxy_paths: Any, fallback: Any) -> None:
+    def __init__(self, proxy: Any, proxy_paths: Any, fallback: Any, keys: ApiKeys | None = None,
+                 on_denied: Callable[[Any], None] | None = None) -> None:
         self.proxy = proxy
         self.proxy_paths = frozenset(proxy_paths)
         self.fallback = fallback
+        self.keys = keys if keys else None
+        self.on_denied = on_denied
 
     def render(self, request: Any) -> Any:
-        if request.path in self.proxy_paths:
+        path = request.path
+        if self.keys is not None and path not in UNAUTHENTICATED_PATHS \
+                and not self.keys.allows(request.getHeader(b"authorization")):
+            if self.on_denied is not None:
+                self.on_denied(request)
+            return set_error(request, 401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                             "invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="rolemesh-node"'})
+        if path in self.proxy_paths:
             return self.proxy.render(request)
         return self.fallback.render(request)
 
@@ -71,9 +168,14 @@ class RootResource:
         raise NotImplementedError
 
 
-def make_site(root: Any, max_body_bytes: int) -> Site:
+def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_timeout_s: float,
+              idle_timeout_s: float, access_log: bool) -> NodeSite:
     request_class = type("NodeRequest", (NodeRequest,), {"max_body_bytes": max_body_bytes})
-    site = Site(root, requestFactory=request_class)
+    site = NodeSite(root, requestFactory=request_class, timeout=idle_timeout_s)
+    site.protocol = type("NodeChannel", (NodeChannel,), {"header_timeout_s": header_timeout_s})
+    site.max_connections = max_connections
     site.displayTracebacks = False
     site.noisy = False
+    if not access_log:
+        site.log = lambda request: None  # type: ignore[method-assign]
     return site

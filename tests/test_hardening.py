@@ -1,0 +1,239 @@
+"""Auth, connection and header limits, and Prometheus metrics, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+
+from rolemesh_node.auth import ApiKeys, load_api_keys
+from rolemesh_node.config import ConfigError, NodeConfig, parse_config
+from tests.test_supervisor_real import eventually, models_config
+
+KEY = "k-0123456789abcdef-secret"
+OTHER = "k-fedcba9876543210-other"
+
+
+def url(service: Any, path: str) -> str:
+    return f"http://127.0.0.1:{service.port}{path}"
+
+
+# ------------------------------------------------------------------ auth (units)
+
+
+def test_api_keys_accept_only_a_bearer_with_a_known_key():
+    keys = ApiKeys([KEY, OTHER])
+    assert keys.allows(b"Bearer " + KEY.encode()) and keys.allows(b"bearer " + OTHER.encode())
+    for header in (None, b"", KEY.encode(), b"Basic " + KEY.encode(), b"Bearer", b"Bearer " + KEY[:-1].encode(),
+                   b"Bearer " + KEY.encode() + b"x"):
+        assert not keys.allows(header)
+    assert KEY not in repr(keys) and "2 key(s)" in repr(keys)
+
+
+def test_api_key_file_and_config_validation(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# fleet keys\n{KEY}\n\n{OTHER}\n")
+    config = parse_config(f"api_keys: ['{'z' * 20}']\napi_key_file: {key_file}\n", "c.yaml", tmp_path)
+    assert len(load_api_keys(config)) == 3
+    assert KEY not in repr(config)  # keys are repr=False
+    with pytest.raises(ConfigError) as info:
+        parse_config("api_keys: ['short']\n", "c.yaml", tmp_path)
+    assert str(info.value) == ("config error: c.yaml: api_keys[0]: an API key must be at least 16 characters "
+                               "without white space")
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ConfigError) as info:
+        load_api_keys(NodeConfig(source="c.yaml", api_key_file=empty))
+    assert "api_key_file" in str(info.value) and "no key" in str(info.value)
+
+
+# ------------------------------------------------------------------ auth (real HTTP)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_route_but_health_needs_the_key(node_service, tiny_models, llama_server_bin):
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service = await node_service(models_config(tiny_models, api_keys=[KEY]))
+        health = await treq.get(url(service, "/health"), persistent=False)
+        assert health.code == 200
+        await health.content()
+        body = json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": 2}).encode()
+        for method, path in (("GET", "/v1/models"), ("GET", "/v1/node/inventory"), ("GET", "/metrics"),
+                             ("POST", "/v1/completions"), ("GET", "/nope")):
+            for auth in (None, "Bearer wrong-key-wrong-key", f"Basic {KEY}"):
+                headers = {"Authorization": auth} if auth else {}
+                response = await treq.request(method, url(service, path), headers=headers, data=body,
+                                              persistent=False)
+                doc = json.loads(await response.content())
+                assert response.code == 401, (path, auth)
+                assert doc["error"]["type"] == "authentication_error" and doc["error"]["code"] == "invalid_api_key"
+                assert response.headers.getRawHeaders("www-authenticate")[0].startswith("Bearer")
+        ok = await treq.post(url(service, "/v1/completions"), data=body, persistent=False,
+                             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert ok.code == 200 and json.loads(await ok.content())["choices"]
+        metrics = await treq.get(url(service, "/metrics"), headers={"Authorization": f"Bearer {KEY}"},
+                                 persistent=False)
+        text = (await metrics.content()).decode()
+        assert "rolemesh_auth_failures_total 15.0" in text
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = "\n".join(formatEvent(e) + repr(e) for e in events)
+    assert KEY not in logged and "wrong-key" not in logged
+
+
+@pytest_twisted.ensureDeferred
+async def test_warns_when_listening_beyond_loopback_without_keys(node_service):
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await node_service({"backend": "cpu", "listen_host": "0.0.0.0"})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [formatEvent(e) for e in events if e.get("log_level") is not None
+                and e["log_level"].name == "warn" and "WITHOUT API keys" in formatEvent(e)]
+    assert len(warnings) == 1
+
+
+# ------------------------------------------------------------------ limits
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return sock
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        data = sock.recv(65536)
+        return data == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_headers_are_cut_off(node_service):
+    service = await node_service({"backend": "cpu", "header_read_timeout_s": 0.3})
+    sock = _connect(service.port)
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # ...and never the blank line
+        began = time.monotonic()
+        await eventually(lambda: _closed(sock), timeout=5, what="the slow client to be cut off")
+        assert time.monotonic() - began < 4
+    finally:
+        sock.close()
+    health = await treq.get(url(service, "/health"), persistent=False)
+    assert health.code == 200
+    await health.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_alive_connection_gets_a_header_deadline_for_its_next_request(node_service):
+    service = await node_service({"backend": "cpu", "header_read_timeout_s": 0.3})
+    sock = _connect(service.port)
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await deferToThread(sock.recv, 65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        await eventually(lambda: _closed(sock), timeout=5, what="the idle kept-alive connection to be closed")
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_cap_get_a_clean_503(node_service):
+    service = await node_service({"backend": "cpu", "max_client_connections": 2})
+    held = [_connect(service.port), _connect(service.port)]
+    try:
+        await eventually(lambda: service.site.open_connections == 2, what="two open connections")
+        third = _connect(service.port)
+        try:
+            answer = await deferToThread(third.recv, 65536)
+        finally:
+            third.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
+    finally:
+        for sock in held:
+            sock.close()
+    await eventually(lambda: service.site.open_connections == 0, what="the connections to be closed")
+    health = await treq.get(url(service, "/health"), persistent=False)
+    assert health.code == 200
+    await health.content()
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of ``name{labels}`` in a Prometheus text exposition (label order free)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_requests_children_and_devices(node_service, tiny_models, llama_server_bin):
+    service = await node_service(models_config(tiny_models, max_pending_requests_per_device=1))
+    body = json.dumps({"model": "tiny-a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    for model in ("tiny-a", "tiny-b", "nope"):
+        response = await treq.post(url(service, "/v1/chat/completions"), data=body.replace("tiny-a", model).encode(),
+                                   headers={"Content-Type": "application/json"}, persistent=False)
+        await response.content()
+    await service.node.refresh_metrics()
+    response = await treq.get(url(service, "/metrics"), persistent=False)
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain")
+    text = (await response.content()).decode()
+    route = "/v1/chat/completions"
+    assert sample(text, "rolemesh_requests_total", route=route, model="tiny-a", status="200") == 1
+    assert sample(text, "rolemesh_requests_total", route=route, model="tiny-b", status="200") == 1
+    assert sample(text, "rolemesh_requests_total", route=route, model="-", status="404") == 1
+    assert sample(text, "rolemesh_request_duration_seconds_count", route=route, model="tiny-a") == 1
+    assert sample(text, "rolemesh_child_starts_total", device="cpu:0", model="tiny-a") == 1
+    assert sample(text, "rolemesh_child_ready_seconds_count", device="cpu:0", model="tiny-b") == 1
+    assert sample(text, "rolemesh_device_in_flight", device="cpu:0") == 0
+    assert sample(text, "rolemesh_device_queue_depth", device="cpu:0") == 0
+    assert sample(text, "rolemesh_device_child_state", device="cpu:0", state="ready") == 1
+    assert sample(text, "rolemesh_device_memory_total_bytes", device="cpu:0") > 0
+    assert sample(text, "rolemesh_node_uptime_seconds") > 0
+
+
+@pytest.mark.allow_errors
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_crashes_and_failed_starts(node_service, tiny_models, tmp_path, llama_server_bin):
+    import os
+    import signal
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model")
+    config = models_config(tiny_models)
+    config["models"]["bad"] = {"path": bad}
+    service = await node_service(config)
+    slot = service.node.slots["cpu:0"]
+    child = await slot.ensure_server(service.config.models["tiny-a"])
+    os.kill(child.pid, signal.SIGKILL)
+    await eventually(lambda: slot.state.value == "crashed", what="the crash")
+    with pytest.raises(Exception):
+        await slot.ensure_server(service.config.models["bad"])
+    text = service.metrics.render().decode()
+    assert sample(text, "rolemesh_child_crashes_total", device="cpu:0", model="tiny-a") == 1
+    assert sample(text, "rolemesh_child_failed_starts_total", device="cpu:0", model="bad") == 1
+    await treq.get(url(service, "/health"), persistent=False).addCallback(treq.content)
+    assert reactor.running
