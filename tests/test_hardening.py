@@ -230,7 +230,9 @@ async def test_metrics_count_crashes_and_failed_starts(node_service, tiny_models
     child = await slot.ensure_server(service.config.models["tiny-a"])
     os.kill(child.pid, signal.SIGKILL)
     await eventually(lambda: slot.state.value == "crashed", what="the crash")
-    with pytest.raises(Exception):
+    from rolemesh_node.llama_server import ChildStartError
+
+    with pytest.raises(ChildStartError):
         await slot.ensure_server(service.config.models["bad"])
     text = service.metrics.render().decode()
     assert sample(text, "rolemesh_child_crashes_total", device="cpu:0", model="tiny-a") == 1
