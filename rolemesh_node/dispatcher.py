@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import ipaddress
 import socket
 import time
 from typing import Any, Callable, Mapping
@@ -58,6 +57,7 @@ from twisted.python.failure import Failure
 from . import __version__
 from .backoff import Backoff
 from .config import ConfigError, NodeConfig
+from .hosts import is_loopback_host
 from .proxy import ROUTES
 
 log = Logger()
@@ -644,10 +644,4 @@ class DispatcherLink(Service):
 
 
 def _is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlsplit(url).hostname or "")

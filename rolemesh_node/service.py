@@ -16,7 +16,6 @@ it as an argument.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 import treq.client
@@ -30,6 +29,7 @@ from .api import NodeAPI
 from .auth import load_api_keys
 from .config import NodeConfig
 from .dispatcher import DispatcherLink, default_advertise_url
+from .hosts import is_loopback_host
 from .identity import node_id as resolve_node_id
 from .metrics import NodeMetrics
 from .node import Node
@@ -109,7 +109,7 @@ class HttpListener(Service):
         super().startService()
         self.listening = self.reactor.listenTCP(self.requested_port, self.site, interface=self.host)
         log.info("rolemesh-node listening on http://{host}:{port}", host=self.host, port=self.port)
-        if not _is_loopback(self.host):
+        if not is_loopback_host(self.host):
             if self.authenticated:
                 log.info("listening on {host}, beyond loopback, with API keys; firewall this port to the "
                          "dispatcher and clients", host=self.host)
@@ -122,15 +122,6 @@ class HttpListener(Service):
         if self.listening is None:
             return succeed(None)
         return maybeDeferred(self.listening.stopListening)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class NodeService(MultiService):
@@ -179,7 +170,12 @@ class NodeService(MultiService):
         """Fires once devices are discovered (for tests and the demo)."""
         assert self.runtime.discovered is not None, "start the service first"
         d: Deferred[Any] = Deferred()
-        self.runtime.discovered.addBoth(lambda r: (d.callback(None), r)[1])
+
+        def notify(result: Any) -> Any:
+            d.callback(None)
+            return result  # the runtime's own chain goes on unchanged
+
+        self.runtime.discovered.addBoth(notify)
         return d
 
 
