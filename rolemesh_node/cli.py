@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_path = prepare(Path(args.demo_dir), args.port)
         print(banner(args.port), flush=True)
     else:
-        config_path = Path(args.config)
+        config_path = args.config  # reported as given
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -59,10 +59,9 @@ class NodeRuntime(Service):
 
     name = "node"
 
-    def __init__(self, node: Node, reactor: Any, pool: HTTPConnectionPool) -> None:
+    def __init__(self, node: Node, reactor: Any) -> None:
         self.node = node
         self.reactor = reactor
-        self.pool = pool
         self.discovered: Deferred[Any] | None = None
         self._metrics = LoopingCall(node.refresh_metrics)
         self._metrics.clock = reactor
@@ -83,9 +82,7 @@ class NodeRuntime(Service):
         super().stopService()
         if self._metrics.running:
             self._metrics.stop()
-        d = self.node.stop()
-        d.addBoth(lambda _: self.pool.closeCachedConnections())
-        return d
+        return self.node.stop()
 
 
 class HttpListener(Service):
@@ -135,7 +132,7 @@ class NodeService(MultiService):
         self.agent = Agent(reactor, pool=self.pool)
         self.http = treq.client.HTTPClient(self.agent)
         self.node = Node(config, reactor, self.http, resolve_node_id(config))
-        self.runtime = NodeRuntime(self.node, reactor, self.pool)
+        self.runtime = NodeRuntime(self.node, reactor)
         self.runtime.setServiceParent(self)
         self.proxy = ProxyResource(self.node, self.agent, reactor)
         self.keys = load_api_keys(config)
@@ -165,6 +162,16 @@ class NodeService(MultiService):
     @property
     def port(self) -> int:
         return self.listener.port
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop every child service; then close the pooled connections, which
+        the children (the dispatcher's last deregister included) no longer use."""
+        d = super().stopService()
+
+        def close_pool(result: Any) -> Deferred[Any]:
+            return self.pool.closeCachedConnections().addBoth(lambda _: result)
+
+        return d.addBoth(close_pool)
 
     def when_discovered(self) -> Deferred[Any]:
         """Fires once devices are discovered (for tests and the demo)."""

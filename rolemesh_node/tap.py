@@ -33,8 +33,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
+    from .logs import filter_twistd_logging
     from .service import makeService as make
     from .signals import install_stop_handlers
+
+    filter_twistd_logging(options.node_config.log_level)
 
     # Exit 0 after a clean stop on SIGTERM/SIGINT (twistd would re-raise the signal).
     reactor.callWhenRunning(install_stop_handlers, reactor)
