@@ -373,6 +373,8 @@ class DispatcherLink(Service):
         self._register_attempt = 0
         self._register_failures = _FailureRun(log_every)
         self._heartbeat_failures = _FailureRun(log_every)
+        self._forget_failures = _FailureRun(log_every)
+        self._forgets = 0  #: times forgotten since a heartbeat last got through
         self._skip_beats = 0
         self._registered_signature: tuple[bool, tuple[str, ...]] | None = None
         self._pending_signature: tuple[bool, tuple[str, ...]] | None = None
@@ -478,12 +480,23 @@ class DispatcherLink(Service):
         self._retry = self.reactor.callLater(delay, self._register)
 
     def _forget(self, why: str) -> None:
-        """Registered → unregistered, then register again at once."""
+        """Registered → unregistered, then register again: at once the first
+        time, with the registration backoff when the dispatcher keeps
+        forgetting the node (no heartbeat got through since the last time)."""
         self._stop_loop()
         self.state = LinkState.UNREGISTERED
-        self._register_attempt = 0
-        log.info("registering again with the dispatcher: {why}", why=why)
-        self._register()
+        self._forgets += 1
+        if self._forgets == 1:
+            self._register_attempt = 0
+            log.info("registering again with the dispatcher: {why}", why=why)
+            self._register()
+            return
+        delay = self.register_backoff.delay(self._forgets - 2)
+        if self._forget_failures.failed(why):
+            log.warn("the dispatcher forgot this node again ({why}, {count} times without a heartbeat getting "
+                     "through); registering again in {delay:.1f}s", why=why, count=self._forgets, delay=delay)
+        self._cancel_retry()
+        self._retry = self.reactor.callLater(delay, self._register)
 
     # ------------------------------------------------------------ heartbeat
 
@@ -526,6 +539,8 @@ class DispatcherLink(Service):
 
     def _beat_ok(self, _body: bytes) -> None:
         self.counts["heartbeat_ok"] += 1
+        self._forgets = 0
+        self._forget_failures.succeeded()
         failures = self._heartbeat_failures.succeeded()
         self._skip_beats = 0
         if failures:

@@ -102,9 +102,10 @@ class ProxyResource:
 
     isLeaf = True
 
-    def __init__(self, node: Node, agent: Any, reactor: Any) -> None:
+    def __init__(self, node: Node, agent: Any, reactor: Any, stream_agent: Any = None) -> None:
         self.node = node
         self.agent = agent
+        self.stream_agent = stream_agent if stream_agent is not None else agent
         self.reactor = reactor
         self.config = node.config
         self.metrics: Any = None  # a NodeMetrics, when metrics are on
@@ -133,6 +134,8 @@ class ProxyResource:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             return set_error(request, 400, f"request body is not valid JSON: {exc}", "invalid_json")
+        except RecursionError:
+            return set_error(request, 400, "request body is nested too deeply", "invalid_json")
         if not isinstance(payload, dict):
             return set_error(request, 400, "request body must be a JSON object", "invalid_request")
         name = payload.get("model")
@@ -257,7 +260,8 @@ class _Exchange:
         url = b"http://127.0.0.1:%d%s" % (lease.port, request.path)
         reactor = self.proxy.reactor
         self.timer = reactor.callLater(self.proxy.config.request_timeout_s, self._timeout)
-        self.pending = self.proxy.agent.request(b"POST", url, headers, BytesProducer(self.body))
+        agent = self.proxy.stream_agent if self.stream else self.proxy.agent
+        self.pending = agent.request(b"POST", url, headers, BytesProducer(self.body))
         self.pending.addCallbacks(self._response, self._upstream_failed)
 
     # ------------------------------------------------------------- upstream

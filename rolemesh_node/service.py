@@ -46,10 +46,16 @@ class _QuietPool(HTTPConnectionPool):
         noisy = False
 
 
-def make_pool(reactor: Any, config: NodeConfig) -> HTTPConnectionPool:
-    pool = _QuietPool(reactor, persistent=True)
+#: llama-server closes a kept-alive connection after 5 s idle ("Keep-Alive:
+#: timeout=5"): drop ours well before, so no request is written into a socket
+#: the child is closing.
+UPSTREAM_IDLE_S = 2.0
+
+
+def make_pool(reactor: Any, config: NodeConfig, persistent: bool = True) -> HTTPConnectionPool:
+    pool = _QuietPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = max(4, 2 * config.max_concurrent_requests_per_device)
-    pool.cachedConnectionTimeout = 120
+    pool.cachedConnectionTimeout = UPSTREAM_IDLE_S
     pool.retryAutomatically = False  # a POST must not be sent twice
     return pool
 
@@ -130,11 +136,15 @@ class NodeService(MultiService):
         self.reactor = reactor
         self.pool = make_pool(reactor, config)
         self.agent = Agent(reactor, pool=self.pool)
+        # Streams get a connection of their own: llama-server closes the
+        # connection after a chunked (streamed) response although it announced
+        # keep-alive, so a pooled one would be dead for the next request.
+        self.stream_agent = Agent(reactor, pool=make_pool(reactor, config, persistent=False))
         self.http = treq.client.HTTPClient(self.agent)
         self.node = Node(config, reactor, self.http, resolve_node_id(config))
         self.runtime = NodeRuntime(self.node, reactor)
         self.runtime.setServiceParent(self)
-        self.proxy = ProxyResource(self.node, self.agent, reactor)
+        self.proxy = ProxyResource(self.node, self.agent, reactor, stream_agent=self.stream_agent)
         self.keys = load_api_keys(config)
         self.metrics = NodeMetrics(self.node)
         self.proxy.metrics = self.metrics
