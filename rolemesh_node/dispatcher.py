@@ -49,6 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.error import TimeoutError as TxTimeoutError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -306,6 +307,8 @@ def _describe(failure: Failure, timeout: float) -> str:
     value = failure.value
     if failure.check(DeferredTimeoutError, TxTimeoutError):
         return f"no answer within {timeout:g}s"
+    if failure.check(ConnectingCancelledError):
+        return f"could not connect within {timeout:g}s"
     if isinstance(value, DispatcherError):
         return str(value)
     reasons = getattr(value, "reasons", None)  # treq's ResponseNeverReceived / ResponseFailed

@@ -21,9 +21,12 @@ from typing import Any
 import treq.client
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from .api import NodeAPI
 from .auth import load_api_keys
@@ -50,6 +53,25 @@ class _QuietPool(HTTPConnectionPool):
 #: timeout=5"): drop ours well before, so no request is written into a socket
 #: the child is closing.
 UPSTREAM_IDLE_S = 2.0
+
+
+@implementer(IAgentEndpointFactory)
+class LoopbackEndpoints:
+    """Plain TCP endpoints for the children on 127.0.0.1.
+
+    ``Agent``'s default ``HostnameEndpoint`` resolves and races address
+    families even for an IP literal: more work per connect, and a refused
+    loopback port is reported only after ~0.3 s. The children are always on
+    127.0.0.1, so a ``TCP4ClientEndpoint`` is all that is needed.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout_s: float = 5.0) -> None:
+        self.reactor = reactor
+        self.connect_timeout_s = connect_timeout_s
+
+    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
+        return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port,
+                                  timeout=self.connect_timeout_s)
 
 
 def make_pool(reactor: Any, config: NodeConfig, persistent: bool = True) -> HTTPConnectionPool:
@@ -135,13 +157,18 @@ class NodeService(MultiService):
         self.config = config
         self.reactor = reactor
         self.pool = make_pool(reactor, config)
-        self.agent = Agent(reactor, pool=self.pool)
+        endpoints = LoopbackEndpoints(reactor)
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
         # Streams get a connection of their own: llama-server closes the
         # connection after a chunked (streamed) response although it announced
         # keep-alive, so a pooled one would be dead for the next request.
-        self.stream_agent = Agent(reactor, pool=make_pool(reactor, config, persistent=False))
-        self.http = treq.client.HTTPClient(self.agent)
-        self.node = Node(config, reactor, self.http, resolve_node_id(config))
+        self.stream_agent = Agent.usingEndpointFactory(reactor, endpoints,
+                                                       pool=make_pool(reactor, config, persistent=False))
+        # probes to the children go through the loopback agent; the dispatcher
+        # (any host, http or https) through a standard one on the same pool
+        self.child_http = treq.client.HTTPClient(self.agent)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
+        self.node = Node(config, reactor, self.child_http, resolve_node_id(config))
         self.runtime = NodeRuntime(self.node, reactor)
         self.runtime.setServiceParent(self)
         self.proxy = ProxyResource(self.node, self.agent, reactor, stream_agent=self.stream_agent)
