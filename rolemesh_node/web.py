@@ -171,7 +171,9 @@ class RootResource:
 def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_timeout_s: float,
               idle_timeout_s: float, access_log: bool) -> NodeSite:
     request_class = type("NodeRequest", (NodeRequest,), {"max_body_bytes": max_body_bytes})
-    site = NodeSite(root, requestFactory=request_class, timeout=idle_timeout_s)
+    # No form parsing: the node reads JSON bodies only, and Twisted would parse
+    # every POST's Content-Type with the email package to look for forms.
+    site = NodeSite(root, requestFactory=request_class, timeout=idle_timeout_s, parsePOSTFormSubmission=False)
     site.protocol = type("NodeChannel", (NodeChannel,), {"header_timeout_s": header_timeout_s})
     site.max_connections = max_connections
     site.displayTracebacks = False
