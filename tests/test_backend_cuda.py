@@ -5,13 +5,23 @@ from __future__ import annotations
 import time
 
 import pytest_twisted
+from _backend_fakes import (
+    H100,
+    RTX,
+    STRAY_ENV,
+    FakeNVML,
+    FakeNVMLError,
+    FakeRunner,
+    config,
+    device_events,
+    fake_llama,
+    fixture,
+    has_failure,
+    write_tool,
+)
 from twisted.internet import reactor
 from twisted.logger import capturedLogs
 
-from _backend_fakes import (
-    H100, RTX, STRAY_ENV, FakeNVML, FakeNVMLError, FakeRunner, config, device_events, fake_llama, fixture,
-    has_failure, write_tool,
-)
 from rolemesh_node.devices.base import PINNING_VARIABLES, DeviceRef
 from rolemesh_node.devices.cuda import NVIDIA_SMI_ARGV, CudaBackend
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest_twisted
+from _backend_fakes import STRAY_ENV, FakeRunner, config, device_events, fake_llama, fixture, has_failure
 from twisted.internet import reactor
 from twisted.logger import capturedLogs
 
-from _backend_fakes import STRAY_ENV, FakeRunner, config, device_events, fake_llama, fixture, has_failure
 from rolemesh_node.devices.base import PINNING_VARIABLES
 from rolemesh_node.devices.metal import SYSCTL_MEMSIZE, SYSTEM_PROFILER, MetalBackend
 

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import pytest
-
 from _backend_fakes import fixture
+
 from rolemesh_node.devices import parsing
 from rolemesh_node.devices.cuda import parse_nvidia_smi
 from rolemesh_node.devices.listdevices import of_backend, parse_list_devices, to_refs
 from rolemesh_node.devices.metal import parse_sysctl_memsize, parse_system_profiler_gpu
 from rolemesh_node.devices.rocm import (
-    hip_index, parse_amd_smi_hip_ids, parse_amd_smi_metric, parse_amd_smi_static, parse_rocm_smi,
+    hip_index,
+    parse_amd_smi_hip_ids,
+    parse_amd_smi_metric,
+    parse_amd_smi_static,
+    parse_rocm_smi,
 )
 from rolemesh_node.devices.sycl import (
-    level_zero_gpus, parse_sycl_ls, parse_xpu_smi_discovery, parse_xpu_smi_dump,
+    level_zero_gpus,
+    parse_sycl_ls,
+    parse_xpu_smi_discovery,
+    parse_xpu_smi_dump,
 )
 from rolemesh_node.devices.vulkan import parse_vulkaninfo_summary, usable
 

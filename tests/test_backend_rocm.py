@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest_twisted
+from _backend_fakes import STRAY_ENV, FakeRunner, config, device_events, fake_llama, fixture, has_failure, write_tool
 from twisted.internet import reactor
 from twisted.logger import capturedLogs
 
-from _backend_fakes import STRAY_ENV, FakeRunner, config, device_events, fake_llama, fixture, has_failure, write_tool
 from rolemesh_node.devices.base import DeviceRef
 from rolemesh_node.devices.rocm import AMD_SMI_LIST, AMD_SMI_METRIC, AMD_SMI_STATIC, ROCM_SMI, RocmBackend
 

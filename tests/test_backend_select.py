@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
+import _backend_fakes as fakes
 import pytest
 import pytest_twisted
+from _backend_fakes import FakeNVML, FakeNVMLError, FakeRunner, config, device_events, fixture, has_failure, write_tool
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-import _backend_fakes as fakes
-from _backend_fakes import FakeNVML, FakeNVMLError, FakeRunner, config, device_events, fixture, has_failure, write_tool
 from rolemesh_node.devices import cuda, select
 from rolemesh_node.devices.cpu import CpuBackend
 from rolemesh_node.devices.listdevices import DeviceLister, list_devices, resolve_llama_server
