@@ -327,7 +327,11 @@ class DeviceSlot:
         self.state = SlotState.FAILED
         self.last_error = str(error)
         self._emit("failed", model=model, reason=error.reason)
-        cooldown = self.crashes.record(model, error.reason)
+        self._count_failure(model, error.reason)
+
+    def _count_failure(self, model: str, reason: str) -> None:
+        """One failure (failed start or crash) towards the model's crash cooldown."""
+        cooldown = self.crashes.record(model, reason)
         if cooldown is not None:
             log.error("device {device}: model {model} in cooldown for {seconds:g}s: {reason}",
                       device=self.id, model=model, seconds=self.config.crash_cooldown_s,
@@ -357,10 +361,7 @@ class DeviceSlot:
             else:
                 self.last_error = f"{child.model} crashed: {info.describe()}; last stderr: {tail}"
             self._emit("crash", model=child.model)
-            cooldown = self.crashes.record(child.model, info.describe())
-            if cooldown is not None:
-                log.error("device {device}: model {model} in cooldown: {reason}", device=self.id,
-                          model=child.model, reason=cooldown.reason)
+            self._count_failure(child.model, info.describe())
 
     def child_unresponsive(self, child: LlamaServerChild, reason: str) -> None:
         """A request timed out on ``child``: take it for hung and replace it.
