@@ -102,8 +102,10 @@ class NodeConfig:
     client_idle_timeout_s: float = 120.0
     access_log: bool = True
     # request path
-    max_pending_requests_per_device: int = 2
-    max_concurrent_requests_per_device: int = 1
+    # None: derived (see __post_init__): llama_server_parallel + 1 in flight,
+    # one more place to wait
+    max_pending_requests_per_device: int = None  # type: ignore[assignment]
+    max_concurrent_requests_per_device: int = None  # type: ignore[assignment]
     max_request_body_bytes: int = 10 * 1024 * 1024
     request_timeout_s: float = 600.0
     # dispatcher
@@ -114,6 +116,19 @@ class NodeConfig:
     dispatcher_timeout_s: float = 5.0
     # models
     models: Mapping[str, ModelSpec] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        concurrent, pending = self.max_concurrent_requests_per_device, self.max_pending_requests_per_device
+        if concurrent is None:
+            # One request runs in each of the child's slots and one more waits
+            # inside the child, so it never idles between two (docs/performance.md).
+            concurrent = self.llama_server_parallel + 1
+            if pending is not None:
+                concurrent = min(concurrent, pending)
+        if pending is None:
+            pending = max(2, concurrent + 1)
+        object.__setattr__(self, "max_concurrent_requests_per_device", concurrent)
+        object.__setattr__(self, "max_pending_requests_per_device", pending)
 
     def resolve_model(self, name: str) -> ModelSpec | None:
         """The model called ``name``, directly or through an alias."""
@@ -406,10 +421,9 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
         if probe >= startup:
             raise _Bad("llama_server_probe_interval_s",
                        f"must be shorter than llama_server_startup_timeout_s ({startup})")
-        pending = values.get("max_pending_requests_per_device", defaults.max_pending_requests_per_device)
-        concurrent = values.get("max_concurrent_requests_per_device",
-                                defaults.max_concurrent_requests_per_device)
-        if concurrent > pending:
+        pending = values.get("max_pending_requests_per_device")
+        concurrent = values.get("max_concurrent_requests_per_device")
+        if pending is not None and concurrent is not None and concurrent > pending:
             raise _Bad("max_concurrent_requests_per_device",
                        f"must not exceed max_pending_requests_per_device ({pending})")
     except _Bad as bad:

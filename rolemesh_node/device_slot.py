@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import itertools
 import os
 import time
 from typing import Any, Callable
@@ -93,24 +94,47 @@ def child_argv(bin_path: str, model: ModelSpec, port: int, config: NodeConfig,
 
 
 class Lease:
-    """A request's hold on one place in a device's queue. ``release`` is idempotent."""
+    """A request's hold on one place in a device's queue. ``release`` is idempotent.
 
-    __slots__ = ("slot", "child", "released")
+    A lease is *running* while it is among the device's first
+    ``llama_server_parallel`` unreleased leases: the child has a slot for it.
+    The others (``max_concurrent_requests_per_device`` may allow one more)
+    wait inside the child; :meth:`when_running` tells when their turn comes,
+    so a request's timeout does not count the time spent behind another.
+    """
+
+    __slots__ = ("slot", "child", "released", "running", "_on_running")
 
     def __init__(self, slot: "DeviceSlot") -> None:
         self.slot = slot
         self.child: LlamaServerChild | None = None
         self.released = False
+        self.running = False
+        self._on_running: Callable[[], None] | None = None
 
     @property
     def port(self) -> int:
         assert self.child is not None
         return self.child.port
 
+    def when_running(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` now if running, else once it is (never after release)."""
+        if self.running:
+            fn()
+        elif not self.released:
+            self._on_running = fn
+
+    def _start_running(self) -> None:
+        self.running = True
+        fn, self._on_running = self._on_running, None
+        if fn is not None:
+            fn()
+
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.slot._release()
+            self._on_running = None
+            self.slot._release(self)
 
 
 class _Waiter:
@@ -167,6 +191,7 @@ class DeviceSlot:
         self.target: str | None = None  # model running or being started
         self.state = SlotState.STOPPED
         self.inflight = 0
+        self.leases: collections.deque[Lease] = collections.deque()  # in flight, in grant order
         self.queue: collections.deque[_Waiter] = collections.deque()
         self.last_exit: str | None = None
         self.last_error: str | None = None
@@ -212,8 +237,15 @@ class DeviceSlot:
             self.queue.popleft()
             self.inflight += 1
             head.lease = Lease(self)
+            self.leases.append(head.lease)
+            self._mark_running()
             self.ensure_server(head.model).addCallbacks(
                 self._granted, self._refused, callbackArgs=(head,), errbackArgs=(head,))
+
+    def _mark_running(self) -> None:
+        for lease in itertools.islice(self.leases, self.config.llama_server_parallel):
+            if not lease.running:
+                lease._start_running()
 
     @staticmethod
     def _granted(child: LlamaServerChild, waiter: _Waiter) -> None:
@@ -229,8 +261,10 @@ class DeviceSlot:
         if not waiter.d.called:
             waiter.d.errback(failure)
 
-    def _release(self) -> None:
+    def _release(self, lease: Lease) -> None:
         self.inflight -= 1
+        self.leases.remove(lease)
+        self._mark_running()
         self._pump()
         if self.inflight == 0 and not self.queue:
             self._schedule_idle()

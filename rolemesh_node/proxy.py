@@ -12,7 +12,8 @@ Per request (:class:`_Exchange`):
 1. validate → place → ``slot.acquire`` (429 at once when the device is full,
    503 when its child cannot be made ready);
 2. POST to ``127.0.0.1:<child port>``; no headers within
-   ``request_timeout_s`` → 504; refused or reset → 502;
+   ``request_timeout_s`` (counted from when the child has a slot for it,
+   see :class:`~rolemesh_node.device_slot.Lease`) → 504; refused or reset → 502;
 3. relay status, headers and body; the relay is registered as the client
    request's producer, so a slow client pauses the upstream;
 4. a client that disconnects cancels whatever is pending (queue place,
@@ -258,11 +259,16 @@ class _Exchange:
             b"x-request-id": [request.responseHeaders.getRawHeaders(b"x-request-id")[0]],
         })
         url = b"http://127.0.0.1:%d%s" % (lease.port, request.path)
-        reactor = self.proxy.reactor
-        self.timer = reactor.callLater(self.proxy.config.request_timeout_s, self._timeout)
+        # The timeout counts from when the child has a slot for this request,
+        # not while it waits inside the child behind another one.
+        lease.when_running(self._arm_timer)
         agent = self.proxy.stream_agent if self.stream else self.proxy.agent
         self.pending = agent.request(b"POST", url, headers, BytesProducer(self.body))
         self.pending.addCallbacks(self._response, self._upstream_failed)
+
+    def _arm_timer(self) -> None:
+        if not (self.finished or self.client_gone or self.timed_out) and self.timer is None:
+            self.timer = self.proxy.reactor.callLater(self.proxy.config.request_timeout_s, self._timeout)
 
     # ------------------------------------------------------------- upstream
 

@@ -157,7 +157,7 @@ FAILURES: list[tuple[str, str, str]] = [
      "llama_server_probe_interval_s: must be shorter than llama_server_startup_timeout_s (2.0)"),
     ("startup-below-default-probe", "llama_server_startup_timeout_s: 0.25\n",
      "llama_server_probe_interval_s: must be shorter than llama_server_startup_timeout_s (0.25)"),
-    ("concurrent-above-pending", "max_concurrent_requests_per_device: 3\n",
+    ("concurrent-above-pending", "max_pending_requests_per_device: 2\nmax_concurrent_requests_per_device: 3\n",
      "max_concurrent_requests_per_device: must not exceed max_pending_requests_per_device (2)"),
     ("concurrent-above-set-pending", "max_pending_requests_per_device: 4\nmax_concurrent_requests_per_device: 5\n",
      "max_concurrent_requests_per_device: must not exceed max_pending_requests_per_device (4)"),
@@ -241,8 +241,26 @@ def test_defaults() -> None:
     assert (d.node_id, d.listen_host, d.listen_port, d.backend, d.devices, d.cpu_devices) == (
         None, "127.0.0.1", 8088, "auto", None, 1)
     assert (d.llama_server_startup_timeout_s, d.llama_server_probe_interval_s, d.max_pending_requests_per_device,
-            d.max_concurrent_requests_per_device) == (30.0, 0.5, 2, 1)
+            d.max_concurrent_requests_per_device) == (30.0, 0.5, 3, 2)
     assert d.llama_server_bin is None and d.dispatcher_base_url is None and dict(d.models) == {}
+
+
+@pytest.mark.parametrize("given, concurrent, pending", [
+    ({}, 2, 3),  # one running, one waiting inside the child, one waiting here
+    ({"llama_server_parallel": 4}, 5, 6),
+    ({"max_pending_requests_per_device": 1}, 1, 1),  # a set bound caps the derived concurrency
+    ({"max_pending_requests_per_device": 8}, 2, 8),
+    ({"max_concurrent_requests_per_device": 1}, 1, 2),  # serialized as the seed had it
+    ({"max_concurrent_requests_per_device": 6}, 6, 7),
+    ({"llama_server_parallel": 2, "max_concurrent_requests_per_device": 2,
+      "max_pending_requests_per_device": 2}, 2, 2),
+])
+def test_request_limits_are_derived_from_the_child_slots(write_config: Any, given: dict[str, int],
+                                                          concurrent: int, pending: int) -> None:
+    config = load_config(write_config(given))
+    assert (config.max_concurrent_requests_per_device, config.max_pending_requests_per_device) == (
+        concurrent, pending)
+    assert NodeConfig(**given).max_concurrent_requests_per_device == concurrent
 
 
 def test_every_key_set(write_config: Any, tmp_path: Path) -> None:

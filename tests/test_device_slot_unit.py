@@ -66,7 +66,7 @@ def test_child_argv_pins_host_port_and_appends_model_args(models, tmp_path):
 
 
 def test_pending_bound_answers_queue_full_at_once(models):
-    slot, _ = make_slot(models, max_pending_requests_per_device=2)
+    slot, _ = make_slot(models, max_pending_requests_per_device=2, max_concurrent_requests_per_device=1)
     one, two = results(slot.acquire(models["a"])), results(slot.acquire(models["a"]))
     three = results(slot.acquire(models["a"]))
     assert three[0].check(QueueFull) and "2 requests" in str(three[0].value)
@@ -213,7 +213,7 @@ def test_missing_model_file_fails_without_spawning(models, tmp_path):
 
 
 def test_stop_refuses_queued_requests_and_stops_the_child(models):
-    slot, _ = make_slot(models, max_pending_requests_per_device=3)
+    slot, _ = make_slot(models, max_pending_requests_per_device=3, max_concurrent_requests_per_device=1)
     first = results(slot.acquire(models["a"]))
     FakeChild.instances[0].become_ready()
     queued = results(slot.acquire(models["a"]))
@@ -222,3 +222,30 @@ def test_stop_refuses_queued_requests_and_stops_the_child(models):
     assert stopped and FakeChild.instances[0].stop_calls == 1
     first[0].release()
     assert len(FakeChild.instances) == 1
+
+
+def test_a_lease_beyond_the_child_slots_runs_when_one_ahead_leaves(models):
+    # llama_server_parallel 1, two in flight (the default): the second waits inside the child
+    slot, _ = make_slot(models, max_pending_requests_per_device=4)
+    assert slot.max_concurrent == 2
+    first, second, third = (results(slot.acquire(models["a"])) for _ in range(3))
+    FakeChild.instances[0].become_ready()
+    assert first[0].running and not second[0].running and third == [] and slot.inflight == 2
+    calls = []
+    first[0].when_running(lambda: calls.append("first"))
+    second[0].when_running(lambda: calls.append("second"))
+    assert calls == ["first"]
+    first[0].release()
+    assert calls == ["first", "second"] and second[0].running
+    assert not third[0].running  # granted in turn, waits inside the child behind the second
+    third[0].when_running(lambda: calls.append("third"))
+    third[0].release()  # leaves before its turn: never called
+    second[0].release()
+    assert calls == ["first", "second"] and slot.pending == 0 and not slot.leases
+
+
+def test_every_lease_runs_at_once_within_the_child_slots(models):
+    slot, _ = make_slot(models, llama_server_parallel=2, max_concurrent_requests_per_device=2)
+    got = [results(slot.acquire(models["a"])) for _ in range(2)]
+    FakeChild.instances[0].become_ready()
+    assert all(g[0].running for g in got)

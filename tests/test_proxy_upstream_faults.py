@@ -16,12 +16,15 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
+from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from rolemesh_node.llama_server import ChildState, ExitInfo, free_port
 
-BEHAVIOURS = ("hang", "midstream", "midplain", "stall", "refused", "ok")
+BEHAVIOURS = ("hang", "midstream", "midplain", "stall", "refused", "ok", "serial")
+#: "serial" answers like a one-slot llama-server: one request at a time, each this long
+SERIAL_S = 0.7
 
 
 class MisbehavingLlama(Resource):
@@ -30,11 +33,31 @@ class MisbehavingLlama(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.open: list[Any] = []
+        self.serial: list[Any] = []  # the one being answered first
+
+    def _serve_next(self) -> None:
+        request = self.serial[0]
+
+        def answer() -> None:
+            self.serial.pop(0)
+            if not request.finished and request.channel is not None:
+                request.setHeader(b"content-type", b"application/json")
+                request.write(b'{"ok": true}')
+                request.finish()
+            if self.serial:
+                self._serve_next()
+
+        reactor.callLater(SERIAL_S, answer)
 
     def render_POST(self, request: Any) -> Any:
         model = json.loads(request.content.read())["model"]
         self.open.append(request)
         if model == "hang":
+            return NOT_DONE_YET
+        if model == "serial":
+            self.serial.append(request)
+            if len(self.serial) == 1:
+                self._serve_next()
             return NOT_DONE_YET
         if model == "ok":
             request.setHeader(b"content-type", b"application/json")
@@ -88,8 +111,9 @@ def upstream() -> Any:
     port.stopListening()
 
 
-async def start_node(node_service: Any, tiny_models: dict[str, Path], upstream_port: int) -> Any:
-    config = {"backend": "cpu", "request_timeout_s": 0.5, "max_pending_requests_per_device": 4,
+async def start_node(node_service: Any, tiny_models: dict[str, Path], upstream_port: int,
+                     timeout_s: float = 0.5) -> Any:
+    config = {"backend": "cpu", "request_timeout_s": timeout_s, "max_pending_requests_per_device": 4,
               "models": {name: {"path": tiny_models["tiny-a"]} for name in BEHAVIOURS}}
     service = await node_service(config)
     slot = service.node.slots["cpu:0"]
@@ -152,3 +176,19 @@ async def test_mid_body_failure_of_a_plain_response_aborts_the_client_connection
         await response.content()  # 10 of 1000 promised bytes: the client must not take it as complete
     assert "ResponseFailed" in type(info.value).__name__ or "PotentialDataLoss" in repr(info.value)
     assert slot.pending == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_timeout_does_not_count_the_wait_behind_another_request_inside_the_child(
+        node_service, tiny_models, upstream):
+    # Two in flight on a one-slot child (the default): the second waits inside
+    # the child for SERIAL_S, then takes SERIAL_S itself. Counted from its
+    # send it would pass request_timeout_s; counted from its turn it does not.
+    service, slot = await start_node(node_service, tiny_models, upstream, timeout_s=1.0)
+    assert slot.max_concurrent == 2
+    first = post(service, "serial")
+    await deferLater(reactor, 0.2, lambda: None)  # the first reaches the child first
+    second = post(service, "serial")
+    for response in (await first, await second):
+        assert response.code == 200 and json.loads(await response.content()) == {"ok": True}
+    assert slot.pending == 0 and slot.state.value == "ready"
