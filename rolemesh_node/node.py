@@ -18,6 +18,7 @@ from .device_slot import DeviceSlot, SlotState
 from .devices.base import Backend, DeviceMetrics, DeviceRef
 from .devices.select import select_backend
 from .llama_server import LlamaServerNotFound, find_llama_server
+from .model_files import ModelFiles
 from .scheduler import SlotView, place
 
 log = Logger()
@@ -54,6 +55,7 @@ class Node:
         self._bin: str | None = None
         self._discovery: Deferred[Any] | None = None
         self.slot_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.files = ModelFiles(config.models.values())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -92,7 +94,9 @@ class Node:
 
     @inlineCallbacks
     def refresh_metrics(self) -> Any:
-        """Sample every device once (never fails; a failed sample keeps the last one)."""
+        """Sample every device once (never fails; a failed sample keeps the last one);
+        look at the model files again."""
+        self.files.refresh()
         if self.backend is None or not self.devices:
             return
         try:
@@ -124,7 +128,7 @@ class Node:
                 waiting=len(slot.queue),
                 max_pending=slot.max_pending,
                 free_memory_bytes=None if metrics is None else metrics.memory_free_bytes,
-                loaded_model_bytes=None if loaded is None else loaded.size_bytes(),
+                loaded_model_bytes=None if loaded is None else self.files.size_bytes(loaded),
                 cooldown_models=frozenset(c.model for c in slot.crashes.active()),
             ))
         return out
@@ -133,14 +137,14 @@ class Node:
         """The slot for ``model`` (raises NotReady, NoDevice or AllBusy)."""
         if not self.discovered:
             raise NotReady("device discovery has not finished")
-        return self.slots[place(model.name, model.size_bytes(), self.views())]
+        return self.slots[place(model.name, self.files.size_bytes(model), self.views())]
 
     # ------------------------------------------------------------ reporting
 
     def model_state(self, spec: ModelSpec) -> dict[str, Any]:
         devices = [s.id for s in self.slots.values() if s.target == spec.name and s.state is SlotState.READY]
         starting = [s.id for s in self.slots.values() if s.target == spec.name and s.state is SlotState.STARTING]
-        available = spec.available()
+        available, _ = self.files.check(spec)
         if not available:
             state = "unavailable"
         elif devices:
@@ -164,7 +168,7 @@ class Node:
                 "embedding": spec.embedding,
                 **self.model_state(spec),
             }
-            if not spec.available():
+            if not entry["available"]:
                 entry["reason"] = f"model file {spec.path} is missing or unreadable"
             data.append(entry)
         return {"object": "list", "data": data}

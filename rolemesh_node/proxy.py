@@ -156,7 +156,7 @@ class ProxyResource:
                              f"{request.path.decode()}", "wrong_model_kind")
         if self.node.bin_error is not None:
             return set_error(request, 503, self.node.bin_error, "llama_server_missing")
-        if not spec.available():
+        if not self.node.files.available(spec):
             return set_error(request, 503, f"model {spec.name!r} is unavailable: file {spec.path} "
                              "is missing or unreadable", "model_unavailable")
         try:
