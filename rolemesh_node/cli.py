@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr, flush=True)
         return 2
 
+    from .tls import skip_tls_unless_needed
+
+    skip_tls_unless_needed(config)  # before the reactor is imported
+
     from twisted.internet import reactor
     from twisted.internet.error import CannotListenError
     from twisted.logger import globalLogBeginner

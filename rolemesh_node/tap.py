@@ -28,6 +28,9 @@ class Options(usage.Options):
             sys.stderr.write(f"{exc}\n")
             sys.stderr.flush()
             raise SystemExit(2) from None
+        from .tls import skip_tls_unless_needed
+
+        skip_tls_unless_needed(self.node_config)
 
 
 def makeService(options: Options) -> Any:
