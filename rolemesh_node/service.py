@@ -10,6 +10,10 @@ Children, started in this order (``MultiService`` stops them all at once, each
 3. the dispatcher link (when ``dispatcher_base_url`` is set) — it
    deregisters on stop, bounded to a couple of seconds.
 
+The access log (:mod:`rolemesh_node.accesslog`, when ``access_log`` is on and
+``log_level`` shows info lines) starts batching before them and is flushed
+after all of them have stopped, so the last requests' lines are written too.
+
 Only :func:`makeService` touches the global reactor; everything below takes
 it as an argument.
 """
@@ -28,6 +32,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from .accesslog import AccessLog, shows_access_lines
 from .api import NodeAPI
 from .auth import load_api_keys
 from .config import NodeConfig
@@ -179,10 +184,12 @@ class NodeService(MultiService):
         self.api = NodeAPI(self.node, self.metrics)
         root = RootResource(self.proxy, ROUTES, self.api.resource(), keys=self.keys,
                             on_denied=lambda request: self.metrics.auth_failures.inc())
+        self.access_log = AccessLog(reactor) if shows_access_lines(config.access_log, config.log_level) else None
         self.site = make_site(root, max_body_bytes=config.max_request_body_bytes,
                               max_connections=config.max_client_connections,
                               header_timeout_s=config.header_read_timeout_s,
-                              idle_timeout_s=config.client_idle_timeout_s, access_log=config.access_log)
+                              idle_timeout_s=config.client_idle_timeout_s, access_log=self.access_log,
+                              reactor=reactor)
         self.listener = HttpListener(reactor, self.site, config.listen_host, config.listen_port,
                                      authenticated=bool(self.keys))
         self.listener.setServiceParent(self)
@@ -200,15 +207,27 @@ class NodeService(MultiService):
     def port(self) -> int:
         return self.listener.port
 
+    def startService(self) -> None:
+        if self.access_log is not None:
+            self.access_log.start()
+        super().startService()
+
     def stopService(self) -> Deferred[Any]:
         """Stop every child service; then close the pooled connections, which
-        the children (the dispatcher's last deregister included) no longer use."""
+        the children (the dispatcher's last deregister included) no longer use;
+        then write what the access log still holds (a line of a request that
+        ends even later is written at once)."""
         d = super().stopService()
 
         def close_pool(result: Any) -> Deferred[Any]:
             return self.pool.closeCachedConnections().addBoth(lambda _: result)
 
-        return d.addBoth(close_pool)
+        def flush_access_log(result: Any) -> Any:
+            if self.access_log is not None:
+                self.access_log.stop()
+            return result
+
+        return d.addBoth(close_pool).addBoth(flush_access_log)
 
     def when_discovered(self) -> Deferred[Any]:
         """Fires once devices are discovered (for tests and the demo)."""

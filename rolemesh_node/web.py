@@ -12,7 +12,9 @@
   arrive within ``header_read_timeout_s`` (slow-loris), on top of Twisted's
   idle timeout (``client_idle_timeout_s``).
 * :class:`NodeSite` answers connections beyond ``max_client_connections``
-  with a 503 and closes them, instead of serving without bound.
+  with a 503 and closes them, instead of serving without bound; it hands each
+  finished request to its :class:`~rolemesh_node.accesslog.AccessLog` (none:
+  no access log) instead of Twisted's one log event per request.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from .accesslog import AccessLog
 from .auth import ApiKeys
 from .errors import error_body, set_error
 
@@ -116,6 +119,7 @@ class _Refuse(Protocol):
 class NodeSite(Site):
     protocol = NodeChannel
     max_connections = 1024
+    access_log: AccessLog | None = None
 
     def __init__(self, resource: Any, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -133,6 +137,11 @@ class NodeSite(Site):
 
     def connection_closed(self) -> None:
         self.open_connections -= 1
+
+    def log(self, request: Any) -> None:
+        access_log = self.access_log
+        if access_log is not None:
+            access_log.add(request)
 
 
 @implementer(IResource)
@@ -169,15 +178,18 @@ class RootResource:
 
 
 def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_timeout_s: float,
-              idle_timeout_s: float, access_log: bool) -> NodeSite:
+              idle_timeout_s: float, access_log: AccessLog | None, reactor: Any = None) -> NodeSite:
+    """The node's ``Site``. ``access_log``: where each finished request goes
+    (``None``: no access log); ``reactor``: the site's clock and timers (default:
+    the global reactor)."""
     request_class = type("NodeRequest", (NodeRequest,), {"max_body_bytes": max_body_bytes})
     # No form parsing: the node reads JSON bodies only, and Twisted would parse
     # every POST's Content-Type with the email package to look for forms.
-    site = NodeSite(root, requestFactory=request_class, timeout=idle_timeout_s, parsePOSTFormSubmission=False)
+    site = NodeSite(root, requestFactory=request_class, timeout=idle_timeout_s, parsePOSTFormSubmission=False,
+                    reactor=reactor)
     site.protocol = type("NodeChannel", (NodeChannel,), {"header_timeout_s": header_timeout_s})
     site.max_connections = max_connections
     site.displayTracebacks = False
     site.noisy = False
-    if not access_log:
-        site.log = lambda request: None  # type: ignore[method-assign]
+    site.access_log = access_log
     return site
