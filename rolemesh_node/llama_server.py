@@ -19,12 +19,20 @@ the device slot makes a new one). Its states::
   with the tail of its stderr.
 * **Stop**: SIGTERM, then SIGKILL after ``grace_s``; :meth:`stop` fires from
   ``processExited`` (not ``processEnded``, which also waits for pipes).
+* **Output**: while starting, stdout/stderr are read as they come (the ready
+  hint must be seen at once). Once ready, llama-server still writes ~9 log
+  lines per request, so on Linux the pipes are enlarged to 1 MiB and no longer
+  watched by the reactor: a ``LoopingCall`` drains them every
+  ``READY_OUTPUT_INTERVAL_S`` (the stderr tail lags by at most that). When it
+  stops or exits they are drained and read as they come again, so its last
+  lines (a crash message) are kept.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import fcntl
 import importlib.util
 import os
 import re
@@ -39,6 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -52,6 +61,15 @@ READY_HINT = re.compile(rb"model loaded|listening on|server is listening|all slo
 PORT_IN_USE = re.compile(r"couldn't bind|address already in use|failed to bind|bind\(\) failed", re.I)
 
 TAIL_LINES = 40
+
+#: a ready child's output is read this often instead of at every write
+READY_OUTPUT_INTERVAL_S = 0.05
+#: at most this much is read from one pipe per drain (a flooding child cannot starve the reactor)
+READY_OUTPUT_MAX_BYTES = 4 << 20
+#: the pipe size asked for while batching (Linux's default unprivileged maximum)
+READY_PIPE_SIZE = 1 << 20
+#: Linux only (other systems cannot enlarge a pipe: their children are read per write)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031) if sys.platform.startswith("linux") else None
 
 
 class ChildState(str, enum.Enum):
@@ -191,6 +209,7 @@ class LlamaServerChild(ProcessProtocol):
         self._probe_call: Any = None
         self._timeout_call: Any = None
         self._kill_call: Any = None
+        self._output_loop: LoopingCall | None = None
         self._probing = False
         self._probe_again = False
         self._started_monotonic = 0.0
@@ -236,6 +255,7 @@ class LlamaServerChild(ProcessProtocol):
             was_starting = self.state is ChildState.STARTING
             self.state = ChildState.STOPPING
             self._cancel_timers()
+            self._read_per_write()
             self._signal("TERM")
             self._kill_call = self.reactor.callLater(grace_s, self._signal, "KILL")
             if was_starting:
@@ -283,6 +303,7 @@ class LlamaServerChild(ProcessProtocol):
         self._cancel_timers()
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
+        self._read_per_write()
         self._flush_partial()
         if was is ChildState.STARTING:
             tail = list(self.tail)
@@ -321,6 +342,64 @@ class LlamaServerChild(ProcessProtocol):
             self._partial[fd] = b""
         if hint:
             self._probe_now()
+
+    def _output_pipes(self) -> list[tuple[int, Any]]:
+        """The child's stdout/stderr pipes still open (none on a fake transport)."""
+        pipes = getattr(self.transport, "pipes", None) or {}
+        return [(fd, pipes[fd]) for fd in (1, 2) if fd in pipes and not pipes[fd].disconnected]
+
+    def _read_in_batches(self) -> None:
+        """Ready: stop waking up for every write; drain the pipes on a timer."""
+        if _F_SETPIPE_SZ is None or self._output_loop is not None:
+            return
+        batched = 0
+        for _fd, pipe in self._output_pipes():
+            try:
+                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, READY_PIPE_SIZE)
+            except OSError:
+                continue  # a small pipe could fill up between drains and block the child: read per write
+            pipe.stopReading()
+            batched += 1
+        if not batched:
+            return
+        self._output_loop = LoopingCall(self._drain_output)
+        self._output_loop.clock = self.reactor
+        self._output_loop.start(READY_OUTPUT_INTERVAL_S, now=False).addErrback(self._drain_failed)
+
+    def _drain_failed(self, failure: Failure) -> None:
+        log.failure("device {device}: reading the output of llama-server pid {pid} failed", failure,
+                    device=self.device_id, pid=self.pid)
+        self._output_loop = None
+        for _fd, pipe in self._output_pipes():
+            pipe.startReading()
+
+    def _drain_output(self) -> None:
+        """Read what the pipes hold now, without blocking (they are non-blocking)."""
+        for fd, pipe in self._output_pipes():
+            left = READY_OUTPUT_MAX_BYTES
+            while left > 0:
+                try:
+                    data = os.read(pipe.fileno(), min(left, 65536))
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:  # end of file (or an error): the reactor sees it too and closes the pipe
+                    pipe.startReading()
+                    break
+                left -= len(data)
+                self._lines(fd, data)
+
+    def _read_per_write(self) -> None:
+        """Stopping or exited: drain what is left and read as it comes again."""
+        if self._output_loop is None:
+            return
+        loop, self._output_loop = self._output_loop, None
+        if loop.running:
+            loop.stop()
+        self._drain_output()
+        for _fd, pipe in self._output_pipes():
+            pipe.startReading()
 
     def _flush_partial(self) -> None:
         for fd, rest in self._partial.items():
@@ -375,6 +454,7 @@ class LlamaServerChild(ProcessProtocol):
             self.state = ChildState.READY
             self.ready_at = time.time()
             self._cancel_timers()
+            self._read_in_batches()
             log.info("device {device}: {model} ready on port {port} after {seconds:.3f}s",
                      device=self.device_id, model=self.model, port=self.port,
                      seconds=self.reactor.seconds() - self._started_monotonic)
