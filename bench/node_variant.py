@@ -1,6 +1,6 @@
 """Run ``rolemesh-node-agent`` with prototype changes patched in (a bench variant).
 
-    python -m bench.node_variant --patches noaccesslog,lean --config node.yaml
+    python -m bench.node_variant --patches nometrics --config node.yaml
 
 The patches (:mod:`bench.patches`) are applied to the imported ``rolemesh_node``
 modules before the CLI builds the service, so the variant is the real agent,

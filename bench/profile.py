@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.profile                  # cProfile: top functions, per-request costs
     .venv/bin/python -m bench.profile --pyspy          # py-spy sampling (needs `pip install py-spy`)
-    .venv/bin/python -m bench.profile --variant lean   # the same with a bench/patches.py variant
+    .venv/bin/python -m bench.profile --variant serial # the same with a bench/patches.py variant
 
 It starts one node the way the bench does (tiny model, the same child flags,
 ``max_pending_requests_per_device: 8``, pinned like the bench) — under

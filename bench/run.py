@@ -15,7 +15,7 @@ In one run, on loopback, it starts
 * ``node``    — ``rolemesh-node-agent --config C`` (backend cpu, the default config
   except ``max_pending_requests_per_device: 8`` so four clients are not refused,
   and ``node_id``), a real subprocess in front of a child of its own;
-* node *variants* (``--variants``; by default ``noaccesslog``): the same node
+* node *variants* (``--variants``; by default ``noaccesslog,serial``): the same node
   with a config change and/or prototype patches applied at start
   (:mod:`bench.patches`);
 
@@ -623,10 +623,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retry-budget", dest="retry_budget_s", type=float,
                    help="at most this many seconds in all for such repeats (default 90, --quick 25)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, server logs)")
-    p.add_argument("--variants", default="noaccesslog",
+    p.add_argument("--variants", default="noaccesslog,serial",
                    help="comma-separated node variants (bench/patches.py VARIANTS) to run as extra targets, "
-                        "or 'none'; default: noaccesslog (the node with access_log: false, so the table says what "
-                        "the default access log costs)")
+                        "or 'none'; default: noaccesslog,serial (the node with access_log: false, and with "
+                        "max_concurrent_requests_per_device: 1, so the table says what each costs or gives)")
     a = p.parse_args(argv)
     a.repeats = a.repeats or (2 if a.quick else 5)
     a.seconds = a.seconds or (1.0 if a.quick else 2.0)
