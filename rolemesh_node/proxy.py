@@ -17,7 +17,10 @@ Per request (:class:`_Exchange`):
 3. relay status, headers and body; the relay is registered as the client
    request's producer, so a slow client pauses the upstream;
 4. a client that disconnects cancels whatever is pending (queue place,
-   upstream request, or the body transfer) and the device slot is released;
+   upstream request, or the body transfer) and the device slot is released —
+   except a non-streamed request already sent to the child: llama-server
+   computes it to the end anyway, so its place is held until the answer
+   comes (and is dropped);
 5. an upstream that fails mid-body ends an SSE stream with an error event,
    or aborts a plain response (its length can no longer be honoured).
 """
@@ -275,7 +278,9 @@ class _Exchange:
     def _response(self, response: Any) -> None:
         self.pending = None
         if self.client_gone:
+            self._cancel_timer()
             response.deliverBody(_Discard())
+            self._release()
             return
         request = self.request
         self.status = response.code
@@ -335,6 +340,15 @@ class _Exchange:
         if self.finished:
             return
         self.client_gone = True
+        if self.lease is not None and self.pending is not None and not self.stream:
+            # Sent and not answered yet. llama-server does not notice that the
+            # connection of a non-streamed request closed: it computes it to the
+            # end all the same (a stream it cancels at its next write). Closing
+            # ours would only take that work off the slot's books, and the next
+            # request would wait behind it inside the child unaccounted; so the
+            # place is held until the answer comes (and is dropped) or
+            # request_timeout_s passes.
+            return
         self._cancel_timer()
         if self.pending is not None:
             pending, self.pending = self.pending, None

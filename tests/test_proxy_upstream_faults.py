@@ -192,3 +192,25 @@ async def test_the_timeout_does_not_count_the_wait_behind_another_request_inside
     for response in (await first, await second):
         assert response.code == 200 and json.loads(await response.content()) == {"ok": True}
     assert slot.pending == 0 and slot.state.value == "ready"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_frees_the_place_when_the_child_is_done_with_it(
+        node_service, tiny_models, upstream, stream):
+    # llama-server computes a non-streamed request to the end although its
+    # client left, so the node keeps it on the books until the answer comes; a
+    # stream it cancels at once (llama-server stops it at its next write).
+    service, slot = await start_node(node_service, tiny_models, upstream, timeout_s=5.0)
+    response = post(service, "serial", stream=stream)
+    await deferLater(reactor, 0.2, lambda: None)  # sent to the child, not answered
+    assert slot.pending == 1
+    gone: list[Any] = []
+    response.addErrback(gone.append)  # the client side of the cancel
+    response.cancel()
+    await deferLater(reactor, 0.2, lambda: None)
+    assert gone and slot.pending == (0 if stream else 1)
+    await deferLater(reactor, SERIAL_S, lambda: None)
+    assert slot.pending == 0 and slot.state.value == "ready"
+    ok = await post(service, "ok")
+    assert ok.code == 200
