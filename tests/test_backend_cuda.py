@@ -38,7 +38,8 @@ def test_nvml_discovery_and_metrics():
     assert [d.id for d in devices] == ["cuda:0", "cuda:1"]
     h100, rtx = devices
     assert (h100.name, h100.uuid, h100.memory_total_bytes) == (H100["name"], H100["uuid"], H100["total"])
-    assert (rtx.name, rtx.uuid) == ("NVIDIA GeForce RTX 3080", "GPU-8fe3a97d-51f6-a669-0d80-b4530b81b816")  # bytes decoded
+    # bytes decoded
+    assert (rtx.name, rtx.uuid) == ("NVIDIA GeForce RTX 3080", "GPU-8fe3a97d-51f6-a669-0d80-b4530b81b816")
     assert backend.source == "nvml"
     samples = yield backend.metrics(devices)
     m = samples["cuda:0"]
@@ -69,7 +70,8 @@ def test_nvml_error_falls_back_to_nvidia_smi():
     backend = CudaBackend(reactor, config(), nvml=FakeNVML(init_error=NO_DRIVER), run=runner)
     with capturedLogs() as events:
         devices = yield backend.discover()
-    assert [(d.id, d.name) for d in devices] == [("cuda:0", "NVIDIA GeForce RTX 3080"), ("cuda:1", "NVIDIA GeForce RTX 2060")]
+    assert [(d.id, d.name) for d in devices] == [("cuda:0", "NVIDIA GeForce RTX 3080"),
+                                                 ("cuda:1", "NVIDIA GeForce RTX 2060")]
     assert devices[0].memory_total_bytes == 10240 * MIB
     assert devices[1].uuid == "GPU-45535fc5-0734-b693-29f7-43fe940f6e67"
     assert backend.source == "nvidia-smi"

@@ -303,5 +303,6 @@ class RocmBackend(ToolBackend):
 
 __all__ = [
     "AMD_SMI_LIST", "AMD_SMI_METRIC", "AMD_SMI_STATIC", "AmdGpu", "ROCM_SMI", "RocmBackend", "RocmSmiCard",
-    "amd_smi_rows", "hip_index", "parse_amd_smi_hip_ids", "parse_amd_smi_metric", "parse_amd_smi_static", "parse_rocm_smi",
+    "amd_smi_rows", "hip_index", "parse_amd_smi_hip_ids", "parse_amd_smi_metric", "parse_amd_smi_static",
+    "parse_rocm_smi",
 ]

@@ -2,7 +2,8 @@
 
 ``sycl-ls`` prints one line per (backend, device). Three formats are in the wild:
 
-* oneAPI ≥ 2024.1: ``[level_zero:gpu][level_zero:0] Intel(R) Level-Zero, Intel(R) Arc(TM) A770 Graphics 1.3 [1.3.26241]``
+* oneAPI ≥ 2024.1:
+  ``[level_zero:gpu][level_zero:0] Intel(R) Level-Zero, Intel(R) Arc(TM) A770 Graphics 1.3 [1.3.26241]``
 * 2022–2024.0: ``[ext_oneapi_level_zero:gpu:0] Intel(R) Level-Zero, Intel(R) Arc(TM) A770 Graphics 1.3 [1.3.26918]``
 * 2021: ``[level_zero:0] GPU : Intel(R) Level-Zero 1.1 [1.1.19792]`` (no device name)
 
