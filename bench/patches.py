@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "childquiet": {"child_args": ["--log-disable"]},
     # the seed's serialization: no request waits inside the child
     "serial": {"config": {"max_concurrent_requests_per_device": 1}},
+    # two requests waiting inside a one-slot child
+    "pipeline3": {"config": {"max_concurrent_requests_per_device": 3}},
     # each prototype alone
     **{name: {"patches": [name]} for name in PATCHES},
 }
