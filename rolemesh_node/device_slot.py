@@ -190,7 +190,6 @@ class DeviceSlot:
         self.child: LlamaServerChild | None = None
         self.target: str | None = None  # model running or being started
         self.state = SlotState.STOPPED
-        self.inflight = 0
         self.leases: collections.deque[Lease] = collections.deque()  # in flight, in grant order
         self.queue: collections.deque[_Waiter] = collections.deque()
         self.last_exit: str | None = None
@@ -207,6 +206,10 @@ class DeviceSlot:
     @property
     def id(self) -> str:
         return self.device.id
+
+    @property
+    def inflight(self) -> int:
+        return len(self.leases)
 
     @property
     def pending(self) -> int:
@@ -235,7 +238,6 @@ class DeviceSlot:
             if self.inflight > 0 and self.target != head.model.name:
                 return  # drain the running model before switching
             self.queue.popleft()
-            self.inflight += 1
             head.lease = Lease(self)
             self.leases.append(head.lease)
             self._mark_running()
@@ -262,7 +264,6 @@ class DeviceSlot:
             waiter.d.errback(failure)
 
     def _release(self, lease: Lease) -> None:
-        self.inflight -= 1
         self.leases.remove(lease)
         self._mark_running()
         self._pump()
