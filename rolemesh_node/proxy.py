@@ -270,7 +270,9 @@ class _Exchange:
         self.pending.addCallbacks(self._response, self._upstream_failed)
 
     def _arm_timer(self) -> None:
-        if not (self.finished or self.client_gone or self.timed_out) and self.timer is None:
+        # also for a request whose client left: its place is held while the
+        # child works on it, and a child that hangs on it must still be found
+        if not (self.finished or self.timed_out) and self.timer is None:
             self.timer = self.proxy.reactor.callLater(self.proxy.config.request_timeout_s, self._timeout)
 
     # ------------------------------------------------------------- upstream

@@ -21,6 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from rolemesh_node.llama_server import ChildState, ExitInfo, free_port
+from tests.test_supervisor_real import eventually
 
 BEHAVIOURS = ("hang", "midstream", "midplain", "stall", "refused", "ok", "serial")
 #: "serial" answers like a one-slot llama-server: one request at a time, each this long
@@ -214,3 +215,53 @@ async def test_a_client_that_leaves_frees_the_place_when_the_child_is_done_with_
     assert slot.pending == 0 and slot.state.value == "ready"
     ok = await post(service, "ok")
     assert ok.code == 200
+
+
+class FirstThenHang(Resource):
+    """A one-slot child that answers its first request after 0.3 s, then hangs."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[Any] = []
+
+    def render_POST(self, request: Any) -> Any:
+        self.open.append(request)
+        if len(self.open) == 1:
+            def answer() -> None:
+                request.setHeader(b"content-type", b"application/json")
+                request.write(b'{"ok": true}')
+                request.finish()
+            reactor.callLater(0.3, answer)
+        return NOT_DONE_YET
+
+
+@pytest.fixture
+def first_then_hang() -> Any:
+    resource = FirstThenHang()
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    yield port.getHost().port
+    for request in resource.open:
+        if not request.finished and request.channel is not None:
+            request.channel.transport.abortConnection()
+    port.stopListening()
+
+
+@pytest.mark.allow_errors
+@pytest_twisted.ensureDeferred
+async def test_a_held_request_whose_client_left_is_still_timed(node_service, tiny_models, first_then_hang):
+    # B waits inside the child and its client leaves; the child then hangs on
+    # B. B's place is held, but request_timeout_s still runs from B's turn: the
+    # child is taken for hung and the device serves again.
+    service, slot = await start_node(node_service, tiny_models, first_then_hang, timeout_s=0.5)
+    first = post(service, "ok")
+    await deferLater(reactor, 0.1, lambda: None)
+    second = post(service, "ok")
+    await deferLater(reactor, 0.1, lambda: None)
+    assert slot.pending == 2
+    second.addErrback(lambda _: None)
+    second.cancel()
+    assert (await first).code == 200
+    await eventually(lambda: slot.pending == 0, timeout=3.0, what="the held request to time out")
+    assert slot.state.value == "crashed" and "unresponsive" in slot.last_error
