@@ -119,9 +119,11 @@ class Lease:
 
     def when_running(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` now if running, else once it is (never after release)."""
+        if self.released:
+            return
         if self.running:
             fn()
-        elif not self.released:
+        else:
             self._on_running = fn
 
     def _start_running(self) -> None:
@@ -245,8 +247,8 @@ class DeviceSlot:
                 self._granted, self._refused, callbackArgs=(head,), errbackArgs=(head,))
 
     def _mark_running(self) -> None:
-        for lease in itertools.islice(self.leases, self.config.llama_server_parallel):
-            if not lease.running:
+        for lease in list(itertools.islice(self.leases, self.config.llama_server_parallel)):
+            if not lease.running and not lease.released:
                 lease._start_running()
 
     @staticmethod
@@ -315,7 +317,7 @@ class DeviceSlot:
             raise ChildStartError(self.id, model.name, "the agent is stopping")
         if not model.available():
             error = ChildStartError(self.id, model.name, f"model file {model.path} is missing or unreadable")
-            self._failed(model.name, error)
+            self._failed(model.name, error, count=False)  # not a crash: no cooldown once it is back
             raise error
         self.target = model.name
         self.state = SlotState.STARTING
@@ -358,11 +360,12 @@ class DeviceSlot:
         self._failed(model.name, error)
         raise error
 
-    def _failed(self, model: str, error: ChildStartError) -> None:
+    def _failed(self, model: str, error: ChildStartError, count: bool = True) -> None:
         self.state = SlotState.FAILED
         self.last_error = str(error)
         self._emit("failed", model=model, reason=error.reason)
-        self._count_failure(model, error.reason)
+        if count:
+            self._count_failure(model, error.reason)
 
     def _count_failure(self, model: str, reason: str) -> None:
         """One failure (failed start or crash) towards the model's crash cooldown."""

@@ -160,8 +160,7 @@ class ProxyResource:
         if self.node.bin_error is not None:
             return set_error(request, 503, self.node.bin_error, "llama_server_missing")
         if not self.node.files.available(spec):
-            return set_error(request, 503, f"model {spec.name!r} is unavailable: file {spec.path} "
-                             "is missing or unreadable", "model_unavailable")
+            return set_error(request, 503, _unavailable(spec), "model_unavailable")
         try:
             slot = self.node.choose(spec)
         except AllBusy as exc:
@@ -242,7 +241,11 @@ class _Exchange:
         if failure.check(QueueFull):
             self._error(429, str(failure.value), "queue_full", {"Retry-After": "1"})
         elif failure.check(ChildStartError):
-            self._error(503, str(failure.value), "model_not_ready")
+            spec = self.proxy.config.models[self.model]
+            if not self.proxy.node.files.check(spec)[0]:  # gone since the last look: say so from now on
+                self._error(503, _unavailable(spec), "model_unavailable")
+            else:
+                self._error(503, str(failure.value), "model_not_ready")
         else:
             log.failure("request for {model} failed before reaching a child", failure, model=self.model)
             self._error(500, f"internal error: {failure.getErrorMessage()}", "internal_error")
@@ -409,6 +412,10 @@ class _Exchange:
 class _Discard(Protocol):
     def connectionMade(self) -> None:
         self.transport.stopProducing()
+
+
+def _unavailable(spec: Any) -> str:
+    return f"model {spec.name!r} is unavailable: file {spec.path} is missing or unreadable"
 
 
 def _describe(failure: Failure) -> str:
