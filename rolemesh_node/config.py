@@ -103,7 +103,8 @@ class NodeConfig:
     access_log: bool = True
     # request path
     # None: derived (see __post_init__): llama_server_parallel + 1 in flight,
-    # one more place to wait
+    # one more place to wait. Derived once: dataclasses.replace() keeps the
+    # values derived before (pass None to derive them again).
     max_pending_requests_per_device: int = None  # type: ignore[assignment]
     max_concurrent_requests_per_device: int = None  # type: ignore[assignment]
     max_request_body_bytes: int = 10 * 1024 * 1024
@@ -127,6 +128,9 @@ class NodeConfig:
                 concurrent = min(concurrent, pending)
         if pending is None:
             pending = max(2, concurrent + 1)
+        if concurrent > pending:  # parse_config reports it as a config error first
+            raise ValueError(f"max_concurrent_requests_per_device ({concurrent}) exceeds "
+                             f"max_pending_requests_per_device ({pending})")
         object.__setattr__(self, "max_concurrent_requests_per_device", concurrent)
         object.__setattr__(self, "max_pending_requests_per_device", pending)
 

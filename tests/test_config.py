@@ -572,3 +572,11 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     problems = [line for line in (result.stdout + result.stderr).splitlines()
                 if "rolemesh-node.service" in line]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+def test_a_config_object_refuses_more_in_flight_than_accepted() -> None:
+    with pytest.raises(ValueError, match="exceeds max_pending"):
+        NodeConfig(max_concurrent_requests_per_device=5, max_pending_requests_per_device=2)
+    derived_again = dataclasses.replace(NodeConfig(), llama_server_parallel=4, max_concurrent_requests_per_device=None,
+                                        max_pending_requests_per_device=None)
+    assert (derived_again.max_concurrent_requests_per_device, derived_again.max_pending_requests_per_device) == (5, 6)
