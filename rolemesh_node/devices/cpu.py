@@ -3,7 +3,12 @@
 A CPU-only host can expose several *logical* devices (``cpu_devices: N``), each
 with its own child, so placement, queues and switching across devices work the
 same as on a multi-GPU host. The logical devices share the host's memory and
-split its cores: each child gets ``--threads cores // N``.
+split its cores but one: each child gets ``--threads (cores - 1) // N`` (at
+least 1). The core left over is the agent's: llama-server's compute threads
+spin between tasks, and with as many threads as cores they starve the agent
+that relays every request (docs/performance.md measured +0.9 ms per request
+and 429s taking 3.6 ms at p99 on 2 cores, against +0.4 ms and 0.4 ms with one
+core left).
 
 Reading ``/proc/meminfo`` and ``/proc/stat`` is a few microseconds of kernel
 work, so it is done inline; on hosts without ``/proc`` the figures that cannot
@@ -82,7 +87,7 @@ class CpuBackend(Backend):
 
     @property
     def threads_per_device(self) -> int:
-        return max(1, self.cores // self.count)
+        return max(1, (self.cores - 1) // self.count)
 
     def _utilization(self) -> float | None:
         now = _cpu_times()
