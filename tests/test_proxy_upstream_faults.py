@@ -101,15 +101,20 @@ class FakeReadyChild:
         return succeed(None)
 
 
-@pytest.fixture
-def upstream() -> Any:
-    resource = MisbehavingLlama()
+def serve(resource: Any) -> Any:
+    """Serve ``resource`` (which lists its requests in ``open``) on loopback;
+    yields the port, then aborts what is still open and stops listening."""
     port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
     yield port.getHost().port
     for request in resource.open:
         if not request.finished and request.channel is not None:
             request.channel.transport.abortConnection()
     port.stopListening()
+
+
+@pytest.fixture
+def upstream() -> Any:
+    yield from serve(MisbehavingLlama())
 
 
 async def start_node(node_service: Any, tiny_models: dict[str, Path], upstream_port: int,
@@ -239,13 +244,7 @@ class FirstThenHang(Resource):
 
 @pytest.fixture
 def first_then_hang() -> Any:
-    resource = FirstThenHang()
-    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
-    yield port.getHost().port
-    for request in resource.open:
-        if not request.finished and request.channel is not None:
-            request.channel.transport.abortConnection()
-    port.stopListening()
+    yield from serve(FirstThenHang())
 
 
 @pytest.mark.allow_errors
