@@ -109,6 +109,10 @@ class NodeConfig:
     max_concurrent_requests_per_device: int = None  # type: ignore[assignment]
     max_request_body_bytes: int = 10 * 1024 * 1024
     request_timeout_s: float = 600.0
+    # scheduling: how long requests for a model no device holds may wait before a
+    # busy device switches to it; None derives it from the measured switch cost
+    # (scheduler.SwitchPolicy: 5 x the switch, within 1..60 s)
+    max_switch_wait_s: float | None = None
     # dispatcher
     dispatcher_base_url: str | None = None
     dispatcher_token: str | None = field(default=None, repr=False)
@@ -188,6 +192,17 @@ def _positive_float(value: Any, path: str) -> float:
         raise _Bad(path, f"expected a number, got {_type_name(value)}")
     if not math.isfinite(value) or value <= 0:
         raise _Bad(path, f"must be a positive number of seconds, got {value}")
+    return float(value)
+
+
+def _opt_seconds(value: Any, path: str) -> float | None:
+    """null, or a number of seconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(path, f"expected a number of seconds or null, got {_type_name(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise _Bad(path, f"must be a number of seconds >= 0, got {value}")
     return float(value)
 
 
@@ -361,6 +376,7 @@ def _fields(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "max_concurrent_requests_per_device": lambda v, p: _int(v, p, lo=1),
         "max_request_body_bytes": lambda v, p: _int(v, p, lo=1024),
         "request_timeout_s": _positive_float,
+        "max_switch_wait_s": _opt_seconds,
         "dispatcher_base_url": _url,
         "dispatcher_token": _opt_str,
         "dispatcher_token_file": _opt_path(base),

@@ -1,36 +1,39 @@
-"""One device: its ``llama-server`` child, its request queue, its model switches.
+"""One device: the supervision of its ``llama-server`` child, and the requests in flight on it.
 
-:meth:`DeviceSlot.acquire` is how a request gets onto a device. It answers at
-once with :class:`QueueFull` when in-flight plus waiting requests already reach
-``max_pending``; otherwise the request waits FIFO. The head of the queue goes
-when
+Which request goes where, and when a device switches, is not decided here (see
+:mod:`rolemesh_node.scheduler` and :mod:`rolemesh_node.coordinator`). A slot
+does what it is told — :meth:`DeviceSlot.grant` a place to a request,
+:meth:`DeviceSlot.switch_to` another model — and tells its listeners what
+happened (``start``, ``ready``, ``failed``, ``crash``, ``released``,
+``idle_unload``, ``stopped``).
 
-* the child is running (or starting) its model and fewer than
-  ``max_concurrent`` requests are in flight, or
-* nothing is in flight: then the device switches to the head's model (stop
-  the old child, start the new one) — requests behind it for the same model
-  share that start.
+Its child's life is an explicit state machine; each state holds its own data,
+and :meth:`DeviceSlot._enter` is the one place where it changes::
 
-Requests never overtake each other, so a model switch waits for the requests
-already running on the old model to finish and is never starved.
+    idle ──► starting ──► ready ◄──► draining
+      ▲         │  ▲        │           │
+      │         ▼  │        ▼           ▼
+      ├────── failed ◄──(crash)──── stopping ──► starting (the next model)
+      └─────────────────────────────────┘  (idle unload, agent stop)
 
-:meth:`ensure_server` fires once the child serves the model and is ready;
-concurrent calls for the same model share one start. A child that dies is
-noticed from ``processExited``; the next request restarts it unless the model
-has failed ``crash_limit`` times within ``crash_window_s`` (then it is in
-cooldown here, see :mod:`rolemesh_node.crashes`).
+* ``draining``: the child still serves its model but takes no new request; a
+  switch waits there until its work in flight is done (it never kills it).
+* ``failed``: the last start failed or the child crashed; no child runs. A
+  model that fails ``crash_limit`` times within ``crash_window_s`` is in
+  cooldown on this device for ``crash_cooldown_s`` (:mod:`rolemesh_node.crashes`).
+* A model with ``ttl_s`` is stopped after that long without requests.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import itertools
 import os
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Union
 
-from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,35 +48,19 @@ from .llama_server import (
     death_signal_prefix,
     free_port,
 )
+from .snapshot import Cooldown, DeviceSnapshot, Phase
 
 log = Logger()
 
 PORT_ATTEMPTS = 3
 
 
-class SlotState(str, enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    CRASHED = "crashed"
-    FAILED = "failed"
-
-
-class QueueFull(Exception):
-    """The device already holds ``limit`` requests (in flight + waiting)."""
-
-    def __init__(self, device: str, limit: int) -> None:
-        super().__init__(device, limit)
-        self.device = device
-        self.limit = limit
-
-    def __str__(self) -> str:
-        return f"device {self.device} is busy: {self.limit} requests in flight or waiting"
-
-
 class ModelCoolingDown(ChildStartError):
     """The model failed too often on this device and is refused for a while."""
+
+
+class SlotError(Exception):
+    """A slot was asked for something its state does not allow (a bug in the caller)."""
 
 
 def child_argv(bin_path: str, model: ModelSpec, port: int, config: NodeConfig,
@@ -93,8 +80,68 @@ def child_argv(bin_path: str, model: ModelSpec, port: int, config: NodeConfig,
     return argv
 
 
+# ---------------------------------------------------------------- the states
+
+
+@dataclass(slots=True)
+class Idle:
+    phase = Phase.IDLE
+    model = None
+
+
+@dataclass(slots=True)
+class Starting:
+    model: str
+    began: float  # reactor seconds, when the spawn began (the old child already stopped)
+    child: LlamaServerChild | None = None
+    phase = Phase.STARTING
+
+
+@dataclass(slots=True)
+class Ready:
+    model: str
+    child: LlamaServerChild
+    phase = Phase.READY
+
+
+@dataclass(slots=True)
+class Draining:
+    model: str
+    child: LlamaServerChild
+    next_model: str
+    phase = Phase.DRAINING
+
+
+@dataclass(slots=True)
+class Stopping:
+    model: str
+    child: LlamaServerChild
+    next_model: str | None  # started once the child has exited
+    phase = Phase.STOPPING
+
+
+@dataclass(slots=True)
+class Failed:
+    model: str
+    error: str
+    phase = Phase.FAILED
+
+
+State = Union[Idle, Starting, Ready, Draining, Stopping, Failed]
+
+#: every transition a slot may make
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.IDLE: frozenset({Phase.STARTING}),
+    Phase.STARTING: frozenset({Phase.STARTING, Phase.READY, Phase.FAILED, Phase.IDLE}),
+    Phase.READY: frozenset({Phase.DRAINING, Phase.STOPPING, Phase.FAILED}),
+    Phase.DRAINING: frozenset({Phase.READY, Phase.STOPPING, Phase.FAILED}),
+    Phase.STOPPING: frozenset({Phase.IDLE, Phase.STARTING}),
+    Phase.FAILED: frozenset({Phase.STARTING, Phase.IDLE}),
+}
+
+
 class Lease:
-    """A request's hold on one place in a device's queue. ``release`` is idempotent.
+    """A request's place on a device. ``release`` is idempotent.
 
     A lease is *running* while it is among the device's first
     ``llama_server_parallel`` unreleased leases: the child has a slot for it.
@@ -103,18 +150,19 @@ class Lease:
     so a request's timeout does not count the time spent behind another.
     """
 
-    __slots__ = ("slot", "child", "released", "running", "_on_running")
+    __slots__ = ("slot", "child", "model", "released", "running", "running_at", "_on_running")
 
-    def __init__(self, slot: "DeviceSlot") -> None:
+    def __init__(self, slot: "DeviceSlot", child: LlamaServerChild, model: str) -> None:
         self.slot = slot
-        self.child: LlamaServerChild | None = None
+        self.child = child
+        self.model = model
         self.released = False
         self.running = False
+        self.running_at: float | None = None
         self._on_running: Callable[[], None] | None = None
 
     @property
     def port(self) -> int:
-        assert self.child is not None
         return self.child.port
 
     def when_running(self, fn: Callable[[], None]) -> None:
@@ -126,8 +174,9 @@ class Lease:
         else:
             self._on_running = fn
 
-    def _start_running(self) -> None:
+    def _start_running(self, now: float) -> None:
         self.running = True
+        self.running_at = now
         fn, self._on_running = self._on_running, None
         if fn is not None:
             fn()
@@ -139,29 +188,8 @@ class Lease:
             self.slot._release(self)
 
 
-class _Waiter:
-    """One request waiting for (or holding) a place on a device."""
-
-    __slots__ = ("model", "queue", "lease", "d")
-
-    def __init__(self, model: ModelSpec, queue: collections.deque["_Waiter"]) -> None:
-        self.model = model
-        self.queue = queue
-        self.lease: Lease | None = None
-        self.d: Deferred[Lease] = Deferred(self._cancel)
-
-    def _cancel(self, d: Deferred[Lease]) -> None:
-        # The client went away: while queued, leave the queue; while its
-        # server starts, give the place back (the start goes on for others).
-        if self.lease is None:
-            if self in self.queue:
-                self.queue.remove(self)
-        else:
-            self.lease.release()
-
-
 class DeviceSlot:
-    """The supervisor and queue of one device."""
+    """The supervisor of one device's child."""
 
     def __init__(
         self,
@@ -175,6 +203,7 @@ class DeviceSlot:
         base_env: dict[str, str] | None = None,
         child_factory: Callable[..., LlamaServerChild] = LlamaServerChild,
         port_picker: Callable[[], int] = free_port,
+        listeners: list[Callable[[str, dict[str, Any]], None]] | None = None,
     ) -> None:
         self.device = device
         self._child_factory = child_factory
@@ -186,186 +215,248 @@ class DeviceSlot:
         self._bin_path = bin_path
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.max_pending = config.max_pending_requests_per_device
-        self.max_concurrent = config.max_concurrent_requests_per_device
+        self.capacity = config.max_concurrent_requests_per_device
         self.crashes = CrashTracker(reactor, config.crash_limit, config.crash_window_s,
                                     config.crash_cooldown_s)
-        self.child: LlamaServerChild | None = None
-        self.target: str | None = None  # model running or being started
-        self.state = SlotState.STOPPED
+        self._state: State = Idle()
+        self.last_child: LlamaServerChild | None = None
         self.leases: collections.deque[Lease] = collections.deque()  # in flight, in grant order
-        self.queue: collections.deque[_Waiter] = collections.deque()
         self.last_exit: str | None = None
         self.last_error: str | None = None
         self.starts = 0
         self.crash_count = 0
+        self.switches = 0
         self.last_switch_s: float | None = None
-        self._switch_lock = DeferredLock()
-        self._starting: dict[str, list[Deferred[LlamaServerChild]]] = {}
+        self.last_switch_at: float | None = None
+        self.idle_since: float | None = None  # ready with nothing in flight since (reactor seconds)
+        self._ready_waiters: list[tuple[str, Deferred[LlamaServerChild]]] = []
         self._idle_call: Any = None
         self._stopping_all = False
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._stopped: Deferred[Any] | None = None
+        # shared with the node: a listener added later is heard too
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = listeners if listeners is not None else []
+
+    # ------------------------------------------------------------ state
 
     @property
     def id(self) -> str:
         return self.device.id
 
     @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def phase(self) -> Phase:
+        return self._state.phase
+
+    @property
+    def model(self) -> str | None:
+        return self._state.model
+
+    @property
+    def child(self) -> LlamaServerChild | None:
+        """The child of the current state (None when idle or failed)."""
+        return getattr(self._state, "child", None)
+
+    @property
+    def destined(self) -> str | None:
+        state = self._state
+        if isinstance(state, (Starting, Ready)):
+            return state.model
+        if isinstance(state, (Draining, Stopping)):
+            return state.next_model
+        return None
+
+    @property
     def inflight(self) -> int:
         return len(self.leases)
 
-    @property
-    def pending(self) -> int:
-        return self.inflight + len(self.queue)
+    def _enter(self, new: State) -> None:
+        """The one place where the state changes."""
+        old = self._state
+        if new.phase not in TRANSITIONS[old.phase]:
+            raise SlotError(f"device {self.id}: {old.phase.value} -> {new.phase.value} is not a transition")
+        self._state = new
+        self.idle_since = self.reactor.seconds() if isinstance(new, Ready) and not self.leases else None
+        if isinstance(new, Failed):
+            self.last_error = new.error
+        elif isinstance(new, Ready):
+            self.last_error = None
+        if not isinstance(new, Ready):
+            self._cancel_idle()
 
-    # ------------------------------------------------------------- queue
+    # ------------------------------------------------------------ requests
 
-    def acquire(self, model: ModelSpec) -> Deferred[Lease]:
-        """A place on this device for one request for ``model``."""
-        if self.pending >= self.max_pending:
-            return fail(QueueFull(self.id, self.max_pending))
-        cooldown = self.crashes.cooldown(model.name)
-        if cooldown is not None:
-            return fail(self._cooldown_error(model.name))
+    def grant(self, model: str) -> Lease:
+        """A place for one request for ``model``: the child must be ready for it, with room."""
+        state = self._state
+        if not isinstance(state, Ready) or state.model != model or self.inflight >= self.capacity:
+            raise SlotError(f"device {self.id} cannot take a request for {model} now "
+                            f"({state.phase.value} {state.model}, {self.inflight} in flight)")
         self._cancel_idle()
-        waiter = _Waiter(model, self.queue)
-        self.queue.append(waiter)
-        self._pump()
-        return waiter.d
-
-    def _pump(self) -> None:
-        while self.queue and not self._stopping_all:
-            head = self.queue[0]
-            if self.inflight >= self.max_concurrent:
-                return
-            if self.inflight > 0 and self.target != head.model.name:
-                return  # drain the running model before switching
-            self.queue.popleft()
-            head.lease = Lease(self)
-            self.leases.append(head.lease)
-            self._mark_running()
-            self.ensure_server(head.model).addCallbacks(
-                self._granted, self._refused, callbackArgs=(head,), errbackArgs=(head,))
+        self.idle_since = None
+        lease = Lease(self, state.child, model)
+        self.leases.append(lease)
+        self._mark_running()
+        return lease
 
     def _mark_running(self) -> None:
+        now = self.reactor.seconds()
         for lease in list(itertools.islice(self.leases, self.config.llama_server_parallel)):
             if not lease.running and not lease.released:
-                lease._start_running()
-
-    @staticmethod
-    def _granted(child: LlamaServerChild, waiter: _Waiter) -> None:
-        assert waiter.lease is not None
-        waiter.lease.child = child
-        if not waiter.d.called:
-            waiter.d.callback(waiter.lease)
-
-    @staticmethod
-    def _refused(failure: Any, waiter: _Waiter) -> None:
-        assert waiter.lease is not None
-        waiter.lease.release()
-        if not waiter.d.called:
-            waiter.d.errback(failure)
+                lease._start_running(now)
 
     def _release(self, lease: Lease) -> None:
         self.leases.remove(lease)
         self._mark_running()
-        self._pump()
-        if self.inflight == 0 and not self.queue:
+        if not self.leases and isinstance(self._state, Ready):
+            self.idle_since = self.reactor.seconds()
+        held = None if lease.running_at is None else self.reactor.seconds() - lease.running_at
+        self._emit("released", model=lease.model, seconds=held, drained=self.inflight == 0)
+        if self.inflight == 0 and isinstance(self._state, Ready):
             self._schedule_idle()
 
-    # ------------------------------------------------------------ server
+    # ------------------------------------------------------------ switching
+
+    def switch_to(self, model: ModelSpec) -> None:
+        """Serve ``model``: at once when free; after the work in flight when busy (draining)."""
+        state = self._state
+        if isinstance(state, (Ready, Draining)):
+            if state.model == model.name:
+                if isinstance(state, Draining):
+                    self._enter(Ready(state.model, state.child))
+                return
+            if self.inflight:
+                self._enter(Draining(state.model, state.child, model.name))
+                return
+        elif not isinstance(state, (Idle, Failed)):
+            raise SlotError(f"device {self.id}: cannot switch to {model.name} while {state.phase.value}")
+        if self._stopping_all:
+            return
+        self._switch(model).addErrback(self._switch_crashed, model.name)
 
     def ensure_server(self, model: ModelSpec) -> Deferred[LlamaServerChild]:
-        """Fires once this device's child serves ``model`` and is ready."""
-        child = self.child
-        if child is not None and child.model == model.name and child.state is ChildState.READY:
-            return succeed(child)
+        """Fires once this device's child serves ``model`` and is ready (tools and tests)."""
+        state = self._state
+        if isinstance(state, Ready) and state.model == model.name:
+            return succeed(state.child)
         if self.crashes.cooldown(model.name) is not None:
             return fail(self._cooldown_error(model.name))
         d: Deferred[LlamaServerChild] = Deferred()
-        waiters = self._starting.get(model.name)
-        if waiters is not None:
-            waiters.append(d)
-            return d
-        self._starting[model.name] = [d]
-        self.target = model.name
-        self._switch_lock.run(self._switch, model).addBoth(self._switched, model.name)
+        self._ready_waiters.append((model.name, d))
+        if not (isinstance(state, Starting) and state.model == model.name):
+            self.switch_to(model)
         return d
 
-    def _switched(self, result: Any, model: str) -> None:
-        if isinstance(result, Failure) and not result.check(ChildStartError):
-            log.failure("device {device}: starting {model} failed unexpectedly", result, device=self.id,
-                        model=model)
-            self.state = SlotState.FAILED
-            self.last_error = f"{model}: internal error: {result.getErrorMessage()}"
-        waiters = self._starting.pop(model, [])
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+    def _switch_crashed(self, failure: Failure, model: str) -> None:
+        log.failure("device {device}: switching to {model} failed unexpectedly", failure, device=self.id,
+                    model=model)
 
     @inlineCallbacks
     def _switch(self, model: ModelSpec) -> Any:
-        if self.child is not None and self.child.model == model.name and self.child.state is ChildState.READY:
-            return self.child
         began = self.reactor.seconds()
-        if self.child is not None and self.child.state is not ChildState.EXITED:
-            log.info("device {device}: switching {old} -> {new}", device=self.id, old=self.child.model,
-                     new=model.name)
-            yield self._stop_child()
-        if self._stopping_all:
-            raise ChildStartError(self.id, model.name, "the agent is stopping")
+        # What can be known without a spawn is checked before the old child is stopped.
+        if self.crashes.cooldown(model.name) is not None:
+            self._start_failed(model.name, self._cooldown_error(model.name), count=False)
+            return
         if not model.available():
             error = ChildStartError(self.id, model.name, f"model file {model.path} is missing or unreadable")
-            self._failed(model.name, error, count=False)  # not a crash: no cooldown once it is back
-            raise error
-        self.target = model.name
-        self.state = SlotState.STARTING
+            self._start_failed(model.name, error, count=False)  # not a crash: no cooldown once it is back
+            return
+        state = self._state
+        if isinstance(state, (Ready, Draining)):
+            log.info("device {device}: switching {old} -> {new}", device=self.id, old=state.model,
+                     new=model.name)
+            self._enter(Stopping(state.model, state.child, model.name))
+            yield state.child.stop(self.config.llama_server_stop_grace_s)
+        if self._stopping_all:
+            self._enter(Idle())
+            self._fire_waiters(model.name, Failure(ChildStartError(self.id, model.name, "the agent is stopping")))
+            return
+        if self.last_child is not None and self.last_child.model != model.name:
+            self.switches += 1
         error: ChildStartError | None = None
         for _attempt in range(PORT_ATTEMPTS):
-            port = self._port_picker()
+            spawn_at = self.reactor.seconds()
+            self._enter(Starting(model.name, spawn_at))
             try:
-                bin_path = self._bin_path()
-            except Exception as exc:
-                error = ChildStartError(self.id, model.name, str(exc))
+                child = self._spawn(model)
+            except ChildStartError as exc:
+                error = exc
                 break
-            child = self._child_factory(
-                reactor=self.reactor, http=self.http, device_id=self.id, model=model.name,
-                argv=child_argv(bin_path, model, port, self.config, self.backend, self.device),
-                env=self.backend.child_env(self.device, self.base_env), port=port,
-                probe_interval_s=self.config.llama_server_probe_interval_s,
-                startup_timeout_s=self.config.llama_server_startup_timeout_s,
-                on_exit=self._child_exited, log_output=self.config.log_level == "debug")
-            self.child = child
-            self.starts += 1
-            self._emit("start", model=model.name)
             try:
                 yield child.start()
             except ChildStartError as exc:
                 error = exc
                 if child.state is not ChildState.EXITED:
                     yield child.stop(self.config.llama_server_stop_grace_s)
-                if exc.port_in_use:
+                if exc.port_in_use and not self._stopping_all:
                     log.warn("device {device}: port {port} taken, retrying on another", device=self.id,
-                             port=port)
+                             port=child.port)
                     continue
                 break
             else:
-                self.state = SlotState.READY
-                self.last_error = None
-                self.last_switch_s = self.reactor.seconds() - began
-                self._emit("ready", model=model.name, seconds=self.last_switch_s)
-                return child
+                now = self.reactor.seconds()
+                self.last_switch_s = now - began
+                self.last_switch_at = time.time()
+                self._enter(Ready(model.name, child))
+                self._emit("ready", model=model.name, seconds=now - spawn_at, switch_s=self.last_switch_s)
+                self._fire_waiters(model.name, child)
+                if not self.leases:
+                    self._schedule_idle()
+                return
         assert error is not None
-        self._failed(model.name, error)
-        raise error
+        if self._stopping_all:
+            self._enter(Idle())
+            self._fire_waiters(model.name, Failure(error))
+        else:
+            self._start_failed(model.name, error)
 
-    def _failed(self, model: str, error: ChildStartError, count: bool = True) -> None:
-        self.state = SlotState.FAILED
-        self.last_error = str(error)
-        self._emit("failed", model=model, reason=error.reason)
+    def _spawn(self, model: ModelSpec) -> LlamaServerChild:
+        port = self._port_picker()
+        try:
+            bin_path = self._bin_path()
+        except Exception as exc:
+            raise ChildStartError(self.id, model.name, str(exc)) from exc
+        child = self._child_factory(
+            reactor=self.reactor, http=self.http, device_id=self.id, model=model.name,
+            argv=child_argv(bin_path, model, port, self.config, self.backend, self.device),
+            env=self.backend.child_env(self.device, self.base_env), port=port,
+            probe_interval_s=self.config.llama_server_probe_interval_s,
+            startup_timeout_s=self.config.llama_server_startup_timeout_s,
+            on_exit=self._child_exited, log_output=self.config.log_level == "debug")
+        assert isinstance(self._state, Starting)
+        self._state.child = child
+        self.last_child = child
+        self.starts += 1
+        self._emit("start", model=model.name)
+        return child
+
+    def _start_failed(self, model: str, error: ChildStartError, count: bool = True) -> None:
+        """A start of ``model`` failed (a spawn that failed leaves the slot failed; a
+        refusal before any spawn — cooldown, missing file — leaves it as it was)."""
+        if isinstance(self._state, Starting):
+            self._enter(Failed(model, str(error)))
+        else:
+            self.last_error = str(error)
+        self._emit("failed", model=model, reason=error.reason, error=error)
         if count:
             self._count_failure(model, error.reason)
+        self._fire_waiters(model, Failure(error))
+
+    def _fire_waiters(self, model: str, result: Any) -> None:
+        keep, fire = [], []
+        for name, d in self._ready_waiters:
+            (fire if name == model else keep).append(d)
+        self._ready_waiters = keep
+        for d in fire:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    # ------------------------------------------------------------ failures
 
     def _count_failure(self, model: str, reason: str) -> None:
         """One failure (failed start or crash) towards the model's crash cooldown."""
@@ -384,22 +475,27 @@ class DeviceSlot:
 
     def _child_exited(self, child: LlamaServerChild, info: ExitInfo) -> None:
         self.last_exit = f"{child.model}: {info.describe()}" + ("" if info.expected else " (unexpected)")
-        if child is not self.child:
+        state = self._state
+        if getattr(state, "child", None) is not child:
             return
-        if info.expected:
-            self.state = SlotState.STOPPED
+        if isinstance(state, Stopping) and state.next_model is None:
+            self._enter(Idle())
+            self._emit("stopped", model=child.model)
+            if self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
             return
-        if self.state is SlotState.READY:
-            # It was serving: a crash. Startup failures are counted by _switch.
-            self.state = SlotState.CRASHED
-            self.crash_count += 1
-            tail = " / ".join(list(child.tail)[-3:])
-            if child.hung_reason:
-                self.last_error = f"{child.model} was unresponsive ({child.hung_reason}) and was killed"
-            else:
-                self.last_error = f"{child.model} crashed: {info.describe()}; last stderr: {tail}"
-            self._emit("crash", model=child.model)
-            self._count_failure(child.model, info.describe())
+        if info.expected or not isinstance(state, (Ready, Draining)):
+            return  # a stop or a failed start: the switch in progress goes on
+        # It was serving: a crash (its requests in flight fail on their own connections).
+        self.crash_count += 1
+        tail = " / ".join(list(child.tail)[-3:])
+        if child.hung_reason:
+            error = f"{child.model} was unresponsive ({child.hung_reason}) and was killed"
+        else:
+            error = f"{child.model} crashed: {info.describe()}; last stderr: {tail}"
+        self._enter(Failed(child.model, error))
+        self._emit("crash", model=child.model)
+        self._count_failure(child.model, info.describe())
 
     def child_unresponsive(self, child: LlamaServerChild, reason: str) -> None:
         """A request timed out on ``child``: take it for hung and replace it.
@@ -414,28 +510,17 @@ class DeviceSlot:
         child.hung_reason = reason
         child.kill()
 
-    def _stop_child(self) -> Deferred[Any]:
-        child = self.child
-        if child is None or child.state is ChildState.EXITED:
-            return succeed(None)
-        self.state = SlotState.STOPPING
-        return child.stop(self.config.llama_server_stop_grace_s)
-
     # ----------------------------------------------------------- idle TTL
 
     def _schedule_idle(self) -> None:
-        child = self.child
-        if child is None or child.state is not ChildState.READY:
+        state = self._state
+        if not isinstance(state, Ready):
             return
-        ttl = self._ttl(child.model)
-        if ttl is None:
+        spec = self.config.models.get(state.model)
+        if spec is None or spec.ttl_s is None:
             return
         self._cancel_idle()
-        self._idle_call = self.reactor.callLater(ttl, self._idle_unload)
-
-    def _ttl(self, model: str) -> float | None:
-        spec = self.config.models.get(model)
-        return None if spec is None else spec.ttl_s
+        self._idle_call = self.reactor.callLater(spec.ttl_s, self._idle_unload)
 
     def _cancel_idle(self) -> None:
         if self._idle_call is not None and self._idle_call.active():
@@ -444,25 +529,28 @@ class DeviceSlot:
 
     def _idle_unload(self) -> None:
         self._idle_call = None
-        if self.pending or self.child is None:
+        state = self._state
+        if self.leases or not isinstance(state, Ready):
             return
-        log.info("device {device}: {model} idle for its ttl_s, stopping it", device=self.id,
-                 model=self.child.model)
-        self.target = None
-        self._emit("idle_unload", model=self.child.model)
-        self._switch_lock.run(self._stop_child).addErrback(
+        log.info("device {device}: {model} idle for its ttl_s, stopping it", device=self.id, model=state.model)
+        self._emit("idle_unload", model=state.model)
+        self._enter(Stopping(state.model, state.child, None))
+        state.child.stop(self.config.llama_server_stop_grace_s).addErrback(
             lambda f: log.failure("device {device}: idle stop failed", f, device=self.id))
 
     # -------------------------------------------------------------- stop
 
     def stop(self) -> Deferred[Any]:
-        """Refuse queued requests and stop the child; fires when it has exited."""
+        """Stop the child (and any start in progress); fires when it has exited."""
         self._stopping_all = True
         self._cancel_idle()
-        while self.queue:
-            waiter = self.queue.popleft()
-            waiter.d.errback(ChildStartError(self.id, waiter.model.name, "the agent is stopping"))
-        return self._stop_child()
+        state = self._state
+        child = getattr(state, "child", None)
+        if child is None or child.state is ChildState.EXITED:
+            return succeed(None)
+        if isinstance(state, (Ready, Draining)):
+            self._enter(Stopping(state.model, child, None))
+        return child.stop(self.config.llama_server_stop_grace_s)
 
     # ---------------------------------------------------------- reporting
 
@@ -470,27 +558,39 @@ class DeviceSlot:
         for listener in self.listeners:
             listener(event, {"device": self.id, **fields})
 
-    def snapshot(self) -> dict[str, Any]:
-        child = self.child
-        return {
-            "state": self.state.value,
-            "model": self.target,
-            "port": None if child is None else child.port,
-            "pid": None if child is None or child.state is ChildState.EXITED else child.pid,
-            "started_at": None if child is None else child.started_at,
-            "ready_at": None if child is None else child.ready_at,
-            "in_flight": self.inflight,
-            "waiting": len(self.queue),
-            "max_pending": self.max_pending,
-            "max_concurrent": self.max_concurrent,
-            "starts": self.starts,
-            "crashes": self.crash_count,
-            "last_switch_s": self.last_switch_s,
-            "last_exit": self.last_exit,
-            "last_error": self.last_error,
-            "stderr_tail": [] if child is None else list(child.tail)[-10:],
-            "cooldowns": [
-                {"model": c.model, "until": time.time() + (c.until - self.reactor.seconds()), "reason": c.reason}
-                for c in self.crashes.active()
-            ],
-        }
+    def snapshot(self, *, waiting: int = 0, free_memory_bytes: int | None = None,
+                 loaded_model_bytes: int | None = None) -> DeviceSnapshot:
+        state = self._state
+        child = getattr(state, "child", None)
+        shown = child if child is not None else self.last_child
+        now_unix, now = time.time(), self.reactor.seconds()
+        cooldowns = tuple(Cooldown(c.model, now_unix + (c.until - now), c.reason) for c in self.crashes.active())
+        return DeviceSnapshot(
+            device_id=self.id,
+            index=self.device.index,
+            phase=state.phase,
+            model=state.model,
+            next_model=getattr(state, "next_model", None),
+            in_flight=len(self.leases),
+            capacity=self.capacity,
+            slots=self.config.llama_server_parallel,
+            max_pending=self.max_pending,
+            free_memory_bytes=free_memory_bytes,
+            loaded_model_bytes=loaded_model_bytes,
+            cooldown_models=frozenset(c.model for c in cooldowns),
+            idle_since=self.idle_since,
+            waiting=waiting,
+            port=None if child is None else child.port,
+            pid=None if child is None or child.state is ChildState.EXITED else child.pid,
+            started_at=None if shown is None else shown.started_at,
+            ready_at=None if shown is None else shown.ready_at,
+            starts=self.starts,
+            crashes=self.crash_count,
+            switches=self.switches,
+            last_switch_s=self.last_switch_s,
+            last_switch_at=self.last_switch_at,
+            last_exit=self.last_exit,
+            last_error=self.last_error,
+            stderr_tail=() if shown is None else tuple(list(shown.tail)[-10:]),
+            cooldowns=cooldowns,
+        )

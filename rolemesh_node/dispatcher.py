@@ -225,25 +225,25 @@ def register_payload(node: Any, config: NodeConfig, advertise_url: str) -> dict[
     }
 
 
-def _device_status(device: Any, metrics: Any, slot: Any) -> dict[str, Any]:
-    snap: Mapping[str, Any] = slot.snapshot() if slot is not None else {}
+def _device_status(device: Any, metrics: Any, snap: Any) -> dict[str, Any]:
     return {
         "id": device.id,
         "metrics": None if metrics is None else metrics.to_json(),
-        "state": snap.get("state"),
-        "model": snap.get("model"),
-        "in_flight": snap.get("in_flight", 0),
-        "waiting": snap.get("waiting", 0),
-        "max_pending": snap.get("max_pending"),
-        "max_concurrent": snap.get("max_concurrent"),
-        "last_error": snap.get("last_error"),
-        "cooldowns": list(snap.get("cooldowns", [])),
+        "state": None if snap is None else snap.phase.value,
+        "model": None if snap is None else snap.model,
+        "in_flight": 0 if snap is None else snap.in_flight,
+        "waiting": 0 if snap is None else snap.waiting,
+        "max_pending": None if snap is None else snap.max_pending,
+        "max_concurrent": None if snap is None else snap.capacity,
+        "last_error": None if snap is None else snap.last_error,
+        "cooldowns": [] if snap is None else [c.to_json() for c in snap.cooldowns],
     }
 
 
 def heartbeat_payload(node: Any, seq: int, now: float) -> dict[str, Any]:
     """The body of ``POST /v1/nodes/heartbeat`` number ``seq``, sent at ``now`` (Unix time)."""
     metrics: Mapping[str, Any] = getattr(node, "metrics", None) or {}
+    snapshots = {snap.device_id: snap for snap in node.snapshots()}
     return {
         "node_id": node.node_id,
         "seq": seq,
@@ -251,7 +251,8 @@ def heartbeat_payload(node: Any, seq: int, now: float) -> dict[str, Any]:
         "started_at": node.started_at,
         "discovered": bool(getattr(node, "discovered", True)),
         "llama_server_error": getattr(node, "bin_error", None),
-        "devices": [_device_status(d, metrics.get(d.id), node.slots.get(d.id)) for d in node.devices],
+        "devices": [_device_status(d, metrics.get(d.id), snapshots.get(d.id)) for d in node.devices],
+        "waiting": node.waiting_by_model(),
     }
 
 

@@ -17,10 +17,12 @@ from typing import Any, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .snapshot import Phase
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-CHILD_STATES = ("stopped", "starting", "ready", "stopping", "crashed", "failed")
+CHILD_STATES = tuple(phase.value for phase in Phase)
 
 
 class NodeMetrics:
@@ -48,6 +50,10 @@ class NodeMetrics:
                                      registry=self.registry)
         self.child_idle_unloads = Counter("rolemesh_child_idle_unloads", "Children stopped after ttl_s idle",
                                           labels, registry=self.registry)
+        self.switches = Counter("rolemesh_scheduler_switches",
+                                "Model switches the scheduler decided, by device, model switched to and reason "
+                                "(load, overdue, replica, drained, resume)",
+                                ["device", "model", "reason"], registry=self.registry)
         self.registry.register(_StateCollector(self))
 
     def model_label(self, name: Any) -> str:
@@ -72,6 +78,11 @@ class NodeMetrics:
         elif event == "idle_unload":
             self.child_idle_unloads.labels(device, model).inc()
 
+    def switch_event(self, event: str, fields: dict[str, Any]) -> None:
+        """A Coordinator listener."""
+        if event == "switch" and fields.get("reason") != "resume":
+            self.switches.labels(fields["device"], self.model_label(fields.get("model")), fields["reason"]).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -91,18 +102,30 @@ class _StateCollector:
         up.add_metric([], node.uptime_s())
         yield up
         in_flight = GaugeMetricFamily("rolemesh_device_in_flight", "Requests being served", labels=["device"])
-        waiting = GaugeMetricFamily("rolemesh_device_queue_depth", "Requests waiting for the device",
+        waiting = GaugeMetricFamily("rolemesh_device_queue_depth",
+                                    "Requests waiting node-wide for the model the device holds or switches to",
                                     labels=["device"])
         state = GaugeMetricFamily("rolemesh_device_child_state", "1 for the state the device's child is in",
                                   labels=["device", "state"])
-        for slot in node.slots.values():
-            in_flight.add_metric([slot.id], slot.inflight)
-            waiting.add_metric([slot.id], len(slot.queue))
+        for snap in node.snapshots():
+            in_flight.add_metric([snap.device_id], snap.in_flight)
+            waiting.add_metric([snap.device_id], snap.waiting)
             for name in CHILD_STATES:
-                state.add_metric([slot.id, name], 1.0 if slot.state.value == name else 0.0)
+                state.add_metric([snap.device_id, name], 1.0 if snap.phase.value == name else 0.0)
         yield in_flight
         yield waiting
         yield state
+        model_waiting = GaugeMetricFamily("rolemesh_model_waiting", "Requests waiting for a device, by model",
+                                          labels=["model"])
+        for name in node.config.models:
+            model_waiting.add_metric([name], node.coordinator.waiting(name))
+        yield model_waiting
+        switch_cost = GaugeMetricFamily("rolemesh_model_switch_cost_seconds",
+                                        "Measured load time (spawn to ready), moving average, by model and device",
+                                        labels=["model", "device"])
+        for row in node.costs.switch_table():
+            switch_cost.add_metric([self.metrics.model_label(row["model"]), row["device"]], row["seconds"])
+        yield switch_cost
         gauges = {
             "memory_total_bytes": GaugeMetricFamily("rolemesh_device_memory_total_bytes", "Device memory",
                                                     labels=["device"]),

@@ -14,16 +14,17 @@ from twisted.logger import Logger
 
 from . import __version__
 from .config import ModelSpec, NodeConfig
-from .device_slot import DeviceSlot, SlotState
+from .coordinator import Coordinator, Ticket
+from .costs import CostBook
+from .device_slot import DeviceSlot
 from .devices.base import Backend, DeviceMetrics, DeviceRef
 from .devices.select import select_backend
 from .llama_server import LlamaServerNotFound, find_llama_server
 from .model_files import ModelFiles
-from .scheduler import SlotView, place
+from .scheduler import SwitchPolicy
+from .snapshot import DeviceSnapshot, Phase
 
 log = Logger()
-
-SERVING = (SlotState.READY, SlotState.STARTING)
 
 
 class NotReady(Exception):
@@ -54,8 +55,14 @@ class Node:
         self.bin_error: str | None = None
         self._bin: str | None = None
         self._discovery: Deferred[Any] | None = None
-        self.slot_listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.files = ModelFiles(config.models.values())
+        self.costs = CostBook()
+        self.coordinator = Coordinator(
+            reactor=reactor, models=config.models, policy=SwitchPolicy(config.max_switch_wait_s),
+            max_pending=config.max_pending_requests_per_device, slots=self.slots, snapshots=self.snapshots,
+            sizes=self.sizes, costs=self.costs)
+        #: heard by every slot, also those made later (metrics add theirs before discovery ends)
+        self.slot_listeners: list[Callable[[str, dict[str, Any]], None]] = [self.coordinator.slot_event]
 
     # ------------------------------------------------------------ lifecycle
 
@@ -76,10 +83,9 @@ class Node:
         self.backend = backend
         self.devices = devices
         for device in devices:
-            slot = DeviceSlot(device=device, backend=backend, config=self.config, reactor=self.reactor,
-                              http=self.http, bin_path=self.bin_path)
-            slot.listeners.extend(self.slot_listeners)
-            self.slots[device.id] = slot
+            self.slots[device.id] = DeviceSlot(
+                device=device, backend=backend, config=self.config, reactor=self.reactor, http=self.http,
+                bin_path=self.bin_path, listeners=self.slot_listeners)
         self.discovered = True
         if not devices:
             log.error("no devices found for backend {backend}; nothing can be served", backend=backend.name)
@@ -107,43 +113,46 @@ class Node:
         self.metrics.update(sample)
 
     def stop(self) -> Deferred[Any]:
-        """Stop every child; fires when all have exited."""
+        """Refuse the waiting requests and stop every child; fires when all have exited."""
         if self._discovery is not None and not self._discovery.called:
             self._discovery.cancel()
+        self.coordinator.stop()
         return DeferredList([slot.stop() for slot in self.slots.values()], consumeErrors=True)
 
-    # ------------------------------------------------------------ placement
+    # ------------------------------------------------------------ scheduling
 
-    def views(self) -> list[SlotView]:
+    def sizes(self) -> dict[str, int | None]:
+        """Each model's file size (as last looked at)."""
+        return {name: self.files.size_bytes(spec) for name, spec in self.config.models.items()}
+
+    def snapshots(self) -> list[DeviceSnapshot]:
+        """The one view of every device, read by the scheduler and every report."""
         out = []
         for slot in self.slots.values():
             metrics = self.metrics.get(slot.id)
-            loaded = self.config.models.get(slot.target) if slot.target else None
-            out.append(SlotView(
-                device_id=slot.id,
-                index=slot.device.index,
-                model=slot.target,
-                serving=slot.state in SERVING,
-                in_flight=slot.inflight,
-                waiting=len(slot.queue),
-                max_pending=slot.max_pending,
+            loaded = self.config.models.get(slot.model) if slot.model else None
+            out.append(slot.snapshot(
+                waiting=self.coordinator.waiting(slot.destined or slot.model or ""),
                 free_memory_bytes=None if metrics is None else metrics.memory_free_bytes,
-                loaded_model_bytes=None if loaded is None else self.files.size_bytes(loaded),
-                cooldown_models=frozenset(c.model for c in slot.crashes.active()),
-            ))
+                loaded_model_bytes=None if loaded is None else self.files.size_bytes(loaded)))
         return out
 
-    def choose(self, model: ModelSpec) -> DeviceSlot:
-        """The slot for ``model`` (raises NotReady, NoDevice or AllBusy)."""
+    def waiting_by_model(self) -> dict[str, int]:
+        """Requests waiting for a device, per model that has any."""
+        return self.coordinator.queue_counts()
+
+    def submit(self, model: ModelSpec) -> Ticket:
+        """A place for one request (raises NotReady, NoDevice or Rejected)."""
         if not self.discovered:
             raise NotReady("device discovery has not finished")
-        return self.slots[place(model.name, self.files.size_bytes(model), self.views())]
+        return self.coordinator.submit(model.name)
 
     # ------------------------------------------------------------ reporting
 
     def model_state(self, spec: ModelSpec) -> dict[str, Any]:
-        devices = [s.id for s in self.slots.values() if s.target == spec.name and s.state is SlotState.READY]
-        starting = [s.id for s in self.slots.values() if s.target == spec.name and s.state is SlotState.STARTING]
+        devices = [s.id for s in self.slots.values()
+                   if s.model == spec.name and s.phase in (Phase.READY, Phase.DRAINING)]
+        starting = [s.id for s in self.slots.values() if s.model == spec.name and s.phase is Phase.STARTING]
         available, _ = self.files.check(spec)
         if not available:
             state = "unavailable"
@@ -177,15 +186,17 @@ class Node:
         return self.reactor.seconds() - self._started_monotonic
 
     def inventory_json(self) -> dict[str, Any]:
+        snapshots = {snap.device_id: snap for snap in self.snapshots()}
         devices = []
         for device in self.devices:
             metrics = self.metrics.get(device.id)
-            slot = self.slots.get(device.id)
+            snap = snapshots.get(device.id)
             devices.append({
                 **device.to_json(),
                 "metrics": None if metrics is None else metrics.to_json(),
-                "child": None if slot is None else slot.snapshot(),
+                "child": None if snap is None else snap.to_json(),
             })
+        service = self.costs.service_table()
         models = []
         for spec in self.config.models.values():
             models.append({
@@ -196,6 +207,8 @@ class Node:
                 "aliases": list(spec.aliases),
                 "embedding": spec.embedding,
                 "ttl_s": spec.ttl_s,
+                "waiting": self.coordinator.waiting(spec.name),
+                "service_s": service.get(spec.name, {}).get("seconds"),
                 **self.model_state(spec),
             })
         return {
@@ -211,7 +224,9 @@ class Node:
                 "max_pending_requests_per_device": self.config.max_pending_requests_per_device,
                 "max_concurrent_requests_per_device": self.config.max_concurrent_requests_per_device,
                 "max_request_body_bytes": self.config.max_request_body_bytes,
+                "max_switch_wait_s": self.config.max_switch_wait_s,
             },
             "devices": devices,
             "models": models,
+            "switch_costs": self.costs.switch_table(),
         }

@@ -9,8 +9,11 @@ never collected, never re-encoded.
 
 Per request (:class:`_Exchange`):
 
-1. validate → place → ``slot.acquire`` (429 at once when the device is full,
-   503 when its child cannot be made ready);
+1. validate → ``node.submit`` (429 at once when the model's waiting bound is
+   reached, 503 when no device can serve it); the request then waits
+   node-wide until the scheduler gives it a device (a streamed request gets
+   an SSE comment every ``WAIT_COMMENT_S`` while it waits, which commits its
+   200: a later failure reaches it as an SSE error event);
 2. POST to ``127.0.0.1:<child port>``; no headers within
    ``request_timeout_s`` (counted from when the child has a slot for it,
    see :class:`~rolemesh_node.device_slot.Lease`) → 504; refused or reset → 502;
@@ -44,10 +47,10 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .device_slot import ChildStartError, QueueFull
+from .coordinator import NoDevice, Rejected
 from .errors import error_body, set_error
+from .llama_server import ChildStartError
 from .node import Node, NotReady
-from .scheduler import AllBusy, NoDevice
 
 log = Logger()
 
@@ -65,6 +68,12 @@ HOP_BY_HOP = frozenset({
     b"transfer-encoding", b"upgrade", b"server", b"date",
 })
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+#: a streamed request still waiting for a device gets an SSE comment this often
+#: (so clients and proxies in between do not time out during a model load)
+WAIT_COMMENT_S = 2.0
+#: at most this much of a child's error answer is read to pass it on as an SSE error event
+ERROR_BODY_MAX = 64 * 1024
 
 
 @implementer(IBodyProducer)
@@ -162,13 +171,13 @@ class ProxyResource:
         if not self.node.files.available(spec):
             return set_error(request, 503, _unavailable(spec), "model_unavailable")
         try:
-            slot = self.node.choose(spec)
-        except AllBusy as exc:
-            return set_error(request, 429, str(exc), "queue_full", headers={"Retry-After": "1"})
+            ticket = self.node.submit(spec)
+        except Rejected as exc:
+            return set_error(request, 429, str(exc), "queue_full", headers={"Retry-After": str(exc.retry_after_s)})
         except (NoDevice, NotReady) as exc:
             return set_error(request, 503, str(exc), "no_device")
         stream = payload.get("stream") is True
-        _Exchange(self, request, body, spec.name, slot, stream, started).begin()
+        _Exchange(self, request, body, spec.name, ticket, stream, started).begin()
         return NOT_DONE_YET
 
 
@@ -200,18 +209,20 @@ class _Relay(Protocol):
 
 
 class _Exchange:
-    """One proxied request, from queue place to last byte."""
+    """One proxied request, from its wait for a device to the last byte."""
 
-    __slots__ = ("proxy", "request", "body", "model", "slot", "stream", "lease", "pending", "upstream",
-                 "timer", "client_gone", "timed_out", "finished", "status", "started", "counted")
+    __slots__ = ("proxy", "request", "body", "model", "ticket", "slot", "stream", "lease", "pending", "upstream",
+                 "timer", "client_gone", "timed_out", "finished", "status", "started", "counted", "committed",
+                 "comment_timer")
 
-    def __init__(self, proxy: ProxyResource, request: Any, body: bytes, model: str, slot: Any,
+    def __init__(self, proxy: ProxyResource, request: Any, body: bytes, model: str, ticket: Any,
                  stream: bool, started: float) -> None:
         self.proxy = proxy
         self.request = request
         self.body = body
         self.model = model
-        self.slot = slot
+        self.ticket = ticket
+        self.slot: Any = None
         self.stream = stream
         self.lease: Any = None
         self.pending: Any = None
@@ -223,23 +234,49 @@ class _Exchange:
         self.status = 0
         self.started = started
         self.counted = False
+        self.committed = False  # a 200 and SSE comments were sent while it waited
+        self.comment_timer: Any = None
 
     def begin(self) -> None:
         self.request.notifyFinish().addErrback(self._client_lost)
-        spec = self.proxy.config.models[self.model]
-        self.pending = self.slot.acquire(spec)
+        self.pending = self.ticket.d
+        if self.stream and not self.pending.called:
+            self.comment_timer = self.proxy.reactor.callLater(WAIT_COMMENT_S, self._comment)
         self.pending.addCallbacks(self._granted, self._refused)
 
     # ---------------------------------------------------------------- queue
 
+    def _comment(self) -> None:
+        """Still waiting for a device: tell the (streaming) client what for."""
+        self.comment_timer = None
+        if self.lease is not None or self.client_gone or self.finished:
+            return
+        request = self.request
+        if not self.committed:
+            self.committed = True
+            self.status = 200
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.setHeader(b"cache-control", b"no-cache")
+        text = self.proxy.node.coordinator.describe_wait(self.ticket)
+        request.write(b": " + text.encode("utf-8", "replace") + b"\n\n")
+        self.comment_timer = self.proxy.reactor.callLater(WAIT_COMMENT_S, self._comment)
+
+    def _stop_comments(self) -> None:
+        if self.comment_timer is not None:
+            if self.comment_timer.active():
+                self.comment_timer.cancel()
+            self.comment_timer = None
+
     def _refused(self, failure: Failure) -> None:
         self.pending = None
+        self._stop_comments()
         if failure.check(CancelledError) or self.client_gone:
             self.client_gone = True
             self._count()
             return
-        if failure.check(QueueFull):
-            self._error(429, str(failure.value), "queue_full", {"Retry-After": "1"})
+        if failure.check(NoDevice):
+            self._error(503, str(failure.value), "no_device")
         elif failure.check(ChildStartError):
             spec = self.proxy.config.models[self.model]
             if not self.proxy.node.files.check(spec)[0]:  # gone since the last look: say so from now on
@@ -254,11 +291,14 @@ class _Exchange:
     def _granted(self, lease: Any) -> None:
         self.pending = None
         self.lease = lease
+        self.slot = lease.slot
+        self._stop_comments()
         if self.client_gone:
             self._release()
             return
         request = self.request
-        request.setHeader(b"x-rolemesh-device", self.slot.id.encode())
+        if not self.committed:
+            request.setHeader(b"x-rolemesh-device", self.slot.id.encode())
         headers = Headers({
             b"content-type": [b"application/json"],
             b"accept": [request.getHeader(b"accept") or b"*/*"],
@@ -288,6 +328,12 @@ class _Exchange:
             self._release()
             return
         request = self.request
+        if self.committed:
+            if response.code == 200:  # the head went out with the first comment
+                response.deliverBody(_Relay(self))
+            else:
+                response.deliverBody(_ErrorEvent(self, response.code))
+            return
         self.status = response.code
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
@@ -345,6 +391,7 @@ class _Exchange:
         if self.finished:
             return
         self.client_gone = True
+        self._stop_comments()
         if self.lease is not None and self.pending is not None and not self.stream:
             # Sent and not answered yet. llama-server does not notice that the
             # connection of a non-streamed request closed: it computes it to the
@@ -402,11 +449,43 @@ class _Exchange:
         self.request.finish()
 
     def _error(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+        if self.committed:  # the 200 is gone: an SSE error event, as for a failure mid-stream
+            self.request.write(b"data: " + error_body(status, message, code) + b"\n\n")
+            self._finish()
+            return
         self.status = status
         body = set_error(self.request, status, message, code, headers=headers)
         self.request.setHeader(b"content-length", str(len(body)).encode())
         self.request.write(body)
         self._finish()
+
+
+class _ErrorEvent(Protocol):
+    """The child's error answer to a request whose 200 already went out: passed on as an SSE error event."""
+
+    def __init__(self, exchange: _Exchange, code: int) -> None:
+        self.exchange = exchange
+        self.code = code
+        self.data = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self.data) < ERROR_BODY_MAX:
+            self.data += data[:ERROR_BODY_MAX - len(self.data)]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        exchange = self.exchange
+        exchange._cancel_timer()
+        if not exchange.client_gone and not exchange.finished:
+            try:
+                error = json.loads(bytes(self.data))["error"]
+                message = str(error.get("message") if isinstance(error, dict) else error)
+            except (ValueError, KeyError, TypeError):
+                message = bytes(self.data).decode("utf-8", "replace")[:1000]
+            exchange.request.write(b"data: " + error_body(
+                self.code, f"the llama-server for model {exchange.model!r} answered {self.code}: {message}",
+                "upstream_error") + b"\n\n")
+            exchange._finish()
+        exchange._release()
 
 
 class _Discard(Protocol):

@@ -181,6 +181,7 @@ class NodeService(MultiService):
         self.metrics = NodeMetrics(self.node)
         self.proxy.metrics = self.metrics
         self.node.slot_listeners.append(self.metrics.slot_event)
+        self.node.coordinator.listeners.append(self.metrics.switch_event)
         self.api = NodeAPI(self.node, self.metrics)
         root = RootResource(self.proxy, ROUTES, self.api.resource(), keys=self.keys,
                             on_denied=lambda request: self.metrics.auth_failures.inc())

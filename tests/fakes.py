@@ -10,7 +10,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from rolemesh_node.llama_server import ChildState, ExitInfo
+from rolemesh_node.llama_server import ChildStartError, ChildState, ExitInfo
 
 
 class FakeProcessTransport:
@@ -117,7 +117,10 @@ class FakeChild:
 
     def stop(self, grace_s: float) -> Deferred[Any]:
         self.stop_calls += 1
+        was_starting = self.state is ChildState.STARTING
         self.state = ChildState.EXITED
+        if was_starting and not self.ready_d.called:  # as LlamaServerChild: the start fails at once
+            self.ready_d.errback(ChildStartError(self.device_id, self.model, "stopped before it was ready"))
         info = ExitInfo(0, None, 0.0, expected=True)
         self.on_exit(self, info)
         return succeed(info)

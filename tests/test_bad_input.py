@@ -430,7 +430,7 @@ async def assert_still_serving(service: Any) -> None:
     assert ok.status == 200, ok.raw[:300]
     assert json.loads(ok.body)["choices"][0]["message"]["content"] is not None
     for slot in service.node.slots.values():
-        await eventually(lambda slot=slot: slot.pending == 0, timeout=5, what=f"{slot.id} to hold nothing")
+        await eventually(lambda slot=slot: slot.inflight == 0, timeout=5, what=f"{slot.id} to hold nothing")
     inventory = await deferToThread(raw_exchange, service.port,
                                     request("GET", "/v1/node/inventory", None, content_type=False))
     for device in json.loads(inventory.body)["devices"]:
@@ -461,7 +461,7 @@ async def test_malformed_requests_get_a_clean_4xx_and_the_node_keeps_serving(
         if case.child and answer.header("x-rolemesh-device"):
             reached_child += 1
         # the node survives each case: nothing held between cases
-        await eventually(lambda: slot.pending == 0, timeout=5, what=f"the slot to be free after {case.id}")
+        await eventually(lambda: slot.inflight == 0, timeout=5, what=f"the slot to be free after {case.id}")
     assert not failures, "\n".join(f"{cid}: {'; '.join(p)}" for cid, p in failures.items())
     assert reached_child >= 15  # the child-side cases really went through the llama-server
     assert service.node.slots["cpu:0"].crash_count == 0

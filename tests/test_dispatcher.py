@@ -49,6 +49,7 @@ from rolemesh_node.dispatcher import (
     redact_url,
     register_payload,
 )
+from rolemesh_node.snapshot import DeviceSnapshot, Phase
 
 TOKEN = "tok-9f8e7d6c5b4a-SECRET"
 NO_JITTER = Backoff(base=1.0, factor=2.0, cap=8.0, jitter=0.0)
@@ -59,14 +60,14 @@ NO_JITTER = Backoff(base=1.0, factor=2.0, cap=8.0, jitter=0.0)
 
 
 class FakeSlot:
-    def __init__(self, state: str = "ready", model: str | None = "alpha", in_flight: int = 1,
-                 waiting: int = 2) -> None:
-        self.snap = {"state": state, "model": model, "port": 4000, "pid": 42, "in_flight": in_flight,
-                     "waiting": waiting, "max_pending": 4, "max_concurrent": 1, "last_error": None,
-                     "cooldowns": []}
+    def __init__(self, device_id: str = "cpu:0", state: str = "ready", model: str | None = "alpha",
+                 in_flight: int = 1, waiting: int = 2) -> None:
+        self.snap = DeviceSnapshot(device_id=device_id, index=int(device_id.split(":")[1]), phase=Phase(state),
+                                   model=model, port=4000, pid=42, in_flight=in_flight, waiting=waiting,
+                                   max_pending=4, capacity=1)
 
-    def snapshot(self) -> dict[str, Any]:
-        return dict(self.snap)
+    def snapshot(self) -> DeviceSnapshot:
+        return self.snap
 
 
 class FakeBackend:
@@ -84,12 +85,19 @@ class FakeNode:
         self.bin_error: str | None = None
         self.devices = [DeviceRef(backend="cpu", index=i, name="Test CPU", memory_total_bytes=1 << 30)
                         for i in range(devices)]
-        self.slots = {d.id: FakeSlot() for d in self.devices}
+        self.slots = {d.id: FakeSlot(d.id) for d in self.devices}
+        self.waiting = {"alpha": 2}
         self.metrics = {d.id: DeviceMetrics(memory_total_bytes=1 << 30, memory_free_bytes=1 << 29,
                                             utilization_pct=12.5, sampled_at=1_700_000_001.0)
                         for d in self.devices}
         self.refreshes = 0
         self.refresh_result: Callable[[], Deferred[Any]] = lambda: succeed(None)
+
+    def snapshots(self) -> list[DeviceSnapshot]:
+        return [self.slots[d.id].snapshot() for d in self.devices if d.id in self.slots]
+
+    def waiting_by_model(self) -> dict[str, int]:
+        return dict(self.waiting)
 
     def refresh_metrics(self) -> Deferred[Any]:
         self.refreshes += 1
@@ -273,7 +281,7 @@ def test_register_payload_shape(tmp_path) -> None:
 
 def test_heartbeat_payload_shape() -> None:
     node = FakeNode()
-    node.slots["cpu:1"] = FakeSlot(state="stopped", model=None, in_flight=0, waiting=0)
+    node.slots["cpu:1"] = FakeSlot("cpu:1", state="idle", model=None, in_flight=0, waiting=0)
     del node.metrics["cpu:1"]
     body = heartbeat_payload(node, 7, 1234.5)
     assert body["node_id"] == "node-test-1"
@@ -285,7 +293,8 @@ def test_heartbeat_payload_shape() -> None:
     assert first["state"] == "ready" and first["model"] == "alpha"
     assert first["in_flight"] == 1 and first["waiting"] == 2
     assert first["metrics"]["utilization_pct"] == 12.5
-    assert second["metrics"] is None and second["state"] == "stopped" and second["model"] is None
+    assert second["metrics"] is None and second["state"] == "idle" and second["model"] is None
+    assert body["waiting"] == {"alpha": 2}
     json.dumps(body)
 
 
@@ -976,7 +985,7 @@ async def test_loopback_with_a_real_node_service(dispatcher, no_errors, tmp_path
     seqs = [b.body["seq"] for b in beats]
     assert seqs == list(range(1, len(seqs) + 1))
     assert [d["id"] for d in beats[-1].body["devices"]] == ["cpu:0", "cpu:1"]
-    assert beats[-1].body["devices"][0]["state"] == "stopped"
+    assert beats[-1].body["devices"][0]["state"] == "idle"
     assert beats[-1].body["devices"][0]["metrics"]["memory_total_bytes"] > 0
     # cadence: about 20 per second; generous bounds
     span = beats[-1].at - beats[0].at

@@ -164,7 +164,7 @@ async def test_inventory(node_service: Any, http_client: Any, base_config: dict[
     assert metrics is not None  # discovery samples once before it fires
     assert {"memory_total_bytes", "memory_used_bytes", "memory_free_bytes", "utilization_pct",
             "sampled_at"} <= set(metrics)
-    assert device["child"]["state"] == "stopped"
+    assert device["child"]["state"] == "idle"
     assert device["child"]["pid"] is None
 
     models = {m["name"]: m for m in doc["models"]}

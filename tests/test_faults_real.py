@@ -37,9 +37,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from rolemesh_node.backoff import Backoff
-from rolemesh_node.device_slot import SlotState
 from rolemesh_node.dispatcher import DEREGISTER_PATH, HEARTBEAT_PATH, REGISTER_PATH, LinkState
 from rolemesh_node.llama_server import ChildState
+from rolemesh_node.snapshot import Phase
 from tests.test_supervisor_real import alive, eventually, models_config
 
 LONG_STREAM_TOKENS = 1500  # with ctx_size 2048: ~0.3 s of tokens from the tiny model
@@ -90,7 +90,7 @@ async def ok_on_a_new_child(service: Any, slot: Any, old_pid: int) -> None:
     assert response.code == 200, doc
     assert doc["choices"][0]["message"]["content"] is not None
     assert slot.child.pid != old_pid and slot.child.state is ChildState.READY and alive(slot.child.pid)
-    assert slot.pending == 0
+    assert slot.inflight == 0
 
 
 # --------------------------------------------------------------------------
@@ -126,9 +126,9 @@ async def test_child_sigkilled_mid_stream(node_service, tiny_models, llama_serve
     last = json.loads(events[-1][len(b"data: "):])
     assert set(last) == {"error"} and last["error"]["code"] == "upstream_failed"
     assert "mid-stream" in last["error"]["message"] and "cpu:0" in last["error"]["message"]
-    await eventually(lambda: slot.state is SlotState.CRASHED, what="the crash to be noticed")
+    await eventually(lambda: slot.phase is Phase.FAILED, what="the crash to be noticed")
     assert not alive(pid)
-    snap = slot.snapshot()
+    snap = slot.snapshot().to_json()
     assert snap["crashes"] == 1 and "killed by signal 9" in snap["last_exit"] and snap["in_flight"] == 0
     assert "crashed" in snap["last_error"]
     await ok_on_a_new_child(service, slot, pid)
@@ -155,8 +155,8 @@ async def test_child_sigkilled_while_generating_a_plain_answer(node_service, tin
     assert response.code == 502, doc
     assert set(doc["error"]) == {"message", "type", "code"} and doc["error"]["code"] == "upstream_failed"
     assert "cpu:0" in doc["error"]["message"]
-    await eventually(lambda: slot.state is SlotState.CRASHED, what="the crash to be noticed")
-    assert slot.pending == 0
+    await eventually(lambda: slot.phase is Phase.FAILED, what="the crash to be noticed")
+    assert slot.inflight == 0
     await ok_on_a_new_child(service, slot, pid)
 
 
@@ -198,8 +198,8 @@ async def test_child_sigstopped_times_out_and_is_replaced(node_service, tiny_mod
         assert timeout * 0.9 <= took < timeout + 3.0
         # taken for hung: SIGKILLed (a SIGTERM would wait behind the SIGSTOP) and replaced
         await eventually(lambda: not alive(pid), timeout=5, what="the hung child to be killed")
-        await eventually(lambda: slot.state is SlotState.CRASHED, what="the device to note it")
-        assert "unresponsive" in slot.last_error and slot.pending == 0
+        await eventually(lambda: slot.phase is Phase.FAILED, what="the device to note it")
+        assert "unresponsive" in slot.last_error and slot.inflight == 0
     finally:
         cleanup_pid(pid)
     await ok_on_a_new_child(service, slot, pid)
@@ -279,7 +279,7 @@ async def test_broken_model_file_is_a_fast_503_with_the_reason(node_service, tin
     ok = await post(service, chat_body("tiny-a", 2))
     assert ok.code == 200, await ok.content()
     await ok.content()
-    assert slot.pending == 0 and slot.state is SlotState.READY
+    assert slot.inflight == 0 and slot.phase is Phase.READY
     if not any_of:
         listed = {m["id"]: m for m in service.node.models_json()["data"]}
         assert listed["broken"]["state"] == "unavailable" and listed["broken"]["reason"]

@@ -229,7 +229,7 @@ async def test_metrics_count_crashes_and_failed_starts(node_service, tiny_models
     slot = service.node.slots["cpu:0"]
     child = await slot.ensure_server(service.config.models["tiny-a"])
     os.kill(child.pid, signal.SIGKILL)
-    await eventually(lambda: slot.state.value == "crashed", what="the crash")
+    await eventually(lambda: slot.phase.value == "failed", what="the crash")
     from rolemesh_node.llama_server import ChildStartError
 
     with pytest.raises(ChildStartError):

@@ -210,7 +210,7 @@ async def test_load_mixed_streams_and_aborts(node_service, tiny_models, llama_se
 
     # afterwards: nothing held, nothing open, nothing crashed
     for slot in service.node.slots.values():
-        await eventually(lambda slot=slot: slot.pending == 0, timeout=10, what=f"{slot.id} to drain")
+        await eventually(lambda slot=slot: slot.inflight == 0, timeout=10, what=f"{slot.id} to drain")
     response = await treq.get(f"{base}/v1/node/inventory", persistent=False)
     inventory = json.loads(await response.content())
     for device in inventory["devices"]:

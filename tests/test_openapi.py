@@ -228,7 +228,7 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
         assert {m["id"]: m["state"] for m in models_doc["data"]} == {"alpha": "available", "ghost": "unavailable"}
         inventory = json.loads((await node.call("GET", "/v1/node/inventory"))[2])
         assert [d["id"] for d in inventory["devices"]] == ["cpu:0", "cpu:1"]
-        assert inventory["devices"][0]["child"]["state"] == "stopped"
+        assert inventory["devices"][0]["child"]["state"] == "idle"
 
         # ------------------------------------- errors of the proxied routes
         cases = [
@@ -307,7 +307,7 @@ def check_webhook(openapi: OpenAPI, name: str, call: dict[str, Any]) -> None:
 
 def test_webhook_validation_rejects_a_wrong_payload(openapi: OpenAPI) -> None:
     good = {"node_id": "n1", "seq": 1, "time": 1.0, "started_at": 1.0, "discovered": True,
-            "llama_server_error": None, "devices": []}
+            "llama_server_error": None, "devices": [], "waiting": {}}
     headers = {"Authorization": "Bearer x", "Content-Type": "application/json"}
     check_webhook(openapi, "nodeHeartbeat", {"body": json.dumps(good).encode(), "content_type": "application/json",
                                              "headers": {**headers, "Authorization": f"Bearer {TOKEN}"}})

@@ -92,7 +92,7 @@ async def test_openai_client_chat_completions_and_embeddings(node_service, tiny_
         await deferToThread(client.chat.completions.create, model="nope",
                             messages=[{"role": "user", "content": "x"}])
     assert info.value.body["code"] == "model_not_found"
-    assert service.node.slots["cpu:0"].pending == 0
+    assert service.node.slots["cpu:0"].inflight == 0
     client.close()
 
 
@@ -133,7 +133,7 @@ async def test_requests_beyond_the_pending_limit_get_429_while_the_rest_succeed(
         else:
             assert doc["choices"][0]["text"]
     slot = service.node.slots["cpu:0"]
-    assert slot.pending == 0 and slot.state.value == "ready"
+    assert slot.inflight == 0 and slot.phase.value == "ready"
 
 
 @pytest_twisted.ensureDeferred
@@ -146,7 +146,7 @@ async def test_two_models_interleaved_on_one_device_switch_correctly(node_servic
         assert ok and response.code == 200
         assert json.loads(await response.content())["model"] == model  # never the other model's answer
     slot = service.node.slots["cpu:0"]
-    assert slot.starts >= 2 and slot.pending == 0
+    assert slot.starts >= 2 and slot.inflight == 0
     # Sequential alternation: every request switches, none sees "Loading model".
     for model in ["tiny-a", "tiny-b", "tiny-a"]:
         response = await post(service, "/v1/chat/completions", chat_body(model, 2))
@@ -175,7 +175,7 @@ async def test_stream_relays_the_first_chunk_before_the_upstream_finishes(
     assert in_flight_at_first_chunk == [1]
     body = b"".join(chunks)
     assert body.rstrip().endswith(b"data: [DONE]") and body.count(b"data: ") > 100
-    assert slot.pending == 0
+    assert slot.inflight == 0
 
 
 def _raw_request(port: int, body: bytes) -> socket.socket:
@@ -205,8 +205,8 @@ async def test_client_disconnect_frees_the_slot_and_the_next_request_is_served(
         # llama-server computes a non-streamed request to the end although its
         # connection closed: the node holds the place until the answer comes
         await deferLater(reactor, 0.05, lambda: None)
-        assert slot.pending == 1
-    await eventually(lambda: slot.pending == 0, what="the slot to be released")
+        assert slot.inflight == 1
+    await eventually(lambda: slot.inflight == 0, what="the slot to be released")
     assert time.monotonic() - began < 5
     if not stream:
         await eventually(lambda: any("stop processing" in line for line in slot.child.tail),
@@ -261,5 +261,5 @@ async def test_wrong_model_kind_and_validation_errors(node_service, tiny_models,
     ok = await post(service, "/v1/chat/completions", chat_body("tiny-a"))
     assert ok.code == 200  # still serving
     await ok.content()
-    assert service.node.slots["cpu:0"].pending == 0
+    assert service.node.slots["cpu:0"].inflight == 0
     await deferLater(reactor, 0, lambda: None)

@@ -150,9 +150,9 @@ async def test_failures_before_the_response(node_service, tiny_models, upstream,
     doc = json.loads(await response.content())
     assert response.code == status and doc["error"]["code"] == code
     assert "cpu:0" in doc["error"]["message"] and model in doc["error"]["message"]
-    assert slot.pending == 0
+    assert slot.inflight == 0
     if model == "hang":  # a child that does not answer is taken for hung and replaced
-        assert slot.state.value == "crashed" and "unresponsive" in slot.last_error
+        assert slot.phase.value == "failed" and "unresponsive" in slot.last_error
     ok = await post(service, "ok")
     assert ok.code == 200 and json.loads(await ok.content()) == {"ok": True}
 
@@ -169,7 +169,7 @@ async def test_mid_stream_failure_ends_with_an_sse_error_event(node_service, tin
     assert events[0].startswith(b'data: {"choices"')
     last = json.loads(events[-1][len(b"data: "):])
     assert last["error"]["code"] == "upstream_failed" and why in last["error"]["message"]
-    assert slot.pending == 0
+    assert slot.inflight == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -181,7 +181,7 @@ async def test_mid_body_failure_of_a_plain_response_aborts_the_client_connection
     with pytest.raises(Exception) as info:
         await response.content()  # 10 of 1000 promised bytes: the client must not take it as complete
     assert "ResponseFailed" in type(info.value).__name__ or "PotentialDataLoss" in repr(info.value)
-    assert slot.pending == 0
+    assert slot.inflight == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -191,13 +191,13 @@ async def test_the_timeout_does_not_count_the_wait_behind_another_request_inside
     # the child for SERIAL_S, then takes SERIAL_S itself. Counted from its
     # send it would pass request_timeout_s; counted from its turn it does not.
     service, slot = await start_node(node_service, tiny_models, upstream, timeout_s=1.0)
-    assert slot.max_concurrent == 2
+    assert slot.capacity == 2
     first = post(service, "serial")
     await deferLater(reactor, 0.2, lambda: None)  # the first reaches the child first
     second = post(service, "serial")
     for response in (await first, await second):
         assert response.code == 200 and json.loads(await response.content()) == {"ok": True}
-    assert slot.pending == 0 and slot.state.value == "ready"
+    assert slot.inflight == 0 and slot.phase.value == "ready"
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -210,14 +210,14 @@ async def test_a_client_that_leaves_frees_the_place_when_the_child_is_done_with_
     service, slot = await start_node(node_service, tiny_models, upstream, timeout_s=5.0)
     response = post(service, "serial", stream=stream)
     await deferLater(reactor, 0.2, lambda: None)  # sent to the child, not answered
-    assert slot.pending == 1
+    assert slot.inflight == 1
     gone: list[Any] = []
     response.addErrback(gone.append)  # the client side of the cancel
     response.cancel()
     await deferLater(reactor, 0.2, lambda: None)
-    assert gone and slot.pending == (0 if stream else 1)
+    assert gone and slot.inflight == (0 if stream else 1)
     await deferLater(reactor, SERIAL_S, lambda: None)
-    assert slot.pending == 0 and slot.state.value == "ready"
+    assert slot.inflight == 0 and slot.phase.value == "ready"
     ok = await post(service, "ok")
     assert ok.code == 200
 
@@ -258,9 +258,9 @@ async def test_a_held_request_whose_client_left_is_still_timed(node_service, tin
     await deferLater(reactor, 0.1, lambda: None)
     second = post(service, "ok")
     await deferLater(reactor, 0.1, lambda: None)
-    assert slot.pending == 2
+    assert slot.inflight == 2
     second.addErrback(lambda _: None)
     second.cancel()
     assert (await first).code == 200
-    await eventually(lambda: slot.pending == 0, timeout=3.0, what="the held request to time out")
-    assert slot.state.value == "crashed" and "unresponsive" in slot.last_error
+    await eventually(lambda: slot.inflight == 0, timeout=3.0, what="the held request to time out")
+    assert slot.phase.value == "failed" and "unresponsive" in slot.last_error

@@ -18,8 +18,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from rolemesh_node.device_slot import ChildStartError, SlotState
+from rolemesh_node.device_slot import ChildStartError
 from rolemesh_node.llama_server import ChildState, free_port
+from rolemesh_node.snapshot import Phase
 
 pytestmark = pytest.mark.llama
 
@@ -63,7 +64,7 @@ async def test_start_readiness_pinning_and_host(node_service, tiny_models, llama
                                                llama_server_parallel=2))
     slot = service.node.slots["cpu:0"]
     child = await slot.ensure_server(spec(service, "tiny-a"))
-    assert child.state is ChildState.READY and slot.state is SlotState.READY
+    assert child.state is ChildState.READY and slot.phase is Phase.READY
     # Readiness came from the log line, not from the 5 s probe interval.
     assert slot.last_switch_s is not None and slot.last_switch_s < 2.5
     cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().split(b"\0")
@@ -100,7 +101,7 @@ async def test_switch_a_to_b_stops_a_and_serves_b(node_service, tiny_models, lla
     assert b.state is ChildState.READY and b.model == "tiny-b"
     response = await http_client.get(f"http://127.0.0.1:{b.port}/v1/models")
     assert json.loads(await response.content())["data"][0]["id"] == "tiny-b"
-    assert slot.snapshot()["last_exit"] == "tiny-a: exit code 0"
+    assert slot.snapshot().last_exit == "tiny-a: exit code 0"
 
 
 @pytest.mark.allow_errors
@@ -118,10 +119,10 @@ async def test_startup_timeout_kills_the_child(node_service, tiny_models, tmp_pa
     error = info.value
     assert error.device == "cpu:0" and error.model == "tiny-a"
     assert "not ready within llama_server_startup_timeout_s=0.6s" in error.reason
-    child = slot.child
+    child = slot.last_child  # a failed slot holds no child
     await eventually(lambda: child.state is ChildState.EXITED, what="the slow child to be killed")
     assert child.exit.signal == signal.SIGKILL and not alive(child.pid)
-    assert slot.state is SlotState.FAILED and "not ready within" in slot.snapshot()["last_error"]
+    assert slot.phase is Phase.FAILED and "not ready within" in slot.snapshot().last_error
 
 
 @pytest.mark.allow_errors
@@ -168,10 +169,10 @@ async def test_kill_9_of_a_child_is_noticed_and_recovered(node_service, tiny_mod
     slot = service.node.slots["cpu:0"]
     child = await slot.ensure_server(spec(service, "tiny-a"))
     os.kill(child.pid, signal.SIGKILL)
-    await eventually(lambda: slot.state is SlotState.CRASHED, what="the crash to be noticed")
-    snap = slot.snapshot()
+    await eventually(lambda: slot.phase is Phase.FAILED, what="the crash to be noticed")
+    snap = slot.snapshot().to_json()
     assert snap["crashes"] == 1 and "killed by signal 9" in snap["last_exit"]
-    assert service.node.inventory_json()["devices"][0]["child"]["state"] == "crashed"
+    assert service.node.inventory_json()["devices"][0]["child"]["state"] == "failed"
     again = await slot.ensure_server(spec(service, "tiny-a"))
     assert again is not child and again.state is ChildState.READY and alive(again.pid)
 
@@ -182,11 +183,11 @@ async def test_idle_ttl_unloads_the_model(node_service, tiny_models, llama_serve
     config["models"]["tiny-a"]["ttl_s"] = 0.3
     service = await node_service(config)
     slot = service.node.slots["cpu:0"]
-    lease = await slot.acquire(spec(service, "tiny-a"))
-    pid = lease.child.pid
-    lease.release()
-    await eventually(lambda: slot.state is SlotState.STOPPED, what="the idle unload")
-    assert not alive(pid) and slot.snapshot()["model"] is None
+    child = await slot.ensure_server(spec(service, "tiny-a"))
+    pid = child.pid
+    slot.grant("tiny-a").release()
+    await eventually(lambda: slot.phase is Phase.IDLE, what="the idle unload")
+    assert not alive(pid) and slot.snapshot().model is None
 
 
 @pytest_twisted.ensureDeferred
