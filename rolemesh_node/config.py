@@ -12,12 +12,14 @@ merge — is an error that names where it stands.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -208,12 +210,48 @@ def _str_list(value: Any, path: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+_HOST_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _is_http_url(text: str) -> bool:
+    """``http(s)://host[:port][/path]`` with a host name or IP literal and a valid port.
+
+    Catches what an unexpanded template leaves behind (``http://$(POD_IP):8088``)
+    and an IPv6 address without brackets."""
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    if ":" in host:  # only an IPv6 literal in brackets gets here
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    return set(host) <= _HOST_CHARS
+
+
+def _without_userinfo(text: str) -> str:
+    """``text`` with any ``user:password@`` replaced (config errors are printed)."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if "@" not in parts.netloc:
+        return text
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def _url(value: Any, path: str) -> str | None:
     if value is None:
         return None
     text = _str(value, path).rstrip("/")
-    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
-        raise _Bad(path, f"expected an http:// or https:// URL, got {value!r}")
+    if not _is_http_url(text):
+        raise _Bad(path, f"expected an http:// or https:// URL, got {_without_userinfo(str(value))!r}")
     return text
 
 

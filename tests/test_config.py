@@ -120,6 +120,20 @@ FAILURES: list[tuple[str, str, str]] = [
      "dispatcher_base_url: expected an http:// or https:// URL, got 'http://'"),
     ("advertise-url-bare-host", "advertise_url: node-7:8088\n",
      "advertise_url: expected an http:// or https:// URL, got 'node-7:8088'"),
+    # what an unexpanded template leaves (Kubernetes keeps "$(VAR)" when VAR is not defined)
+    ("advertise-url-unexpanded", "advertise_url: http://$(POD_IP):8088\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://$(POD_IP):8088'"),
+    ("advertise-url-ipv6-unbracketed", "advertise_url: http://fd00::7:8088\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://fd00::7:8088'"),
+    ("advertise-url-bad-port", "advertise_url: http://node-7:80a\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://node-7:80a'"),
+    ("advertise-url-port-too-big", "advertise_url: http://node-7:70000\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://node-7:70000'"),
+    ("advertise-url-space", "advertise_url: http://node 7:8088\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://node 7:8088'"),
+    # a password in a bad URL is not printed
+    ("dispatcher-url-userinfo", "dispatcher_base_url: http://user:s3cret@$(DISPATCHER)\n",
+     "dispatcher_base_url: expected an http:// or https:// URL, got 'http://***@$(DISPATCHER)'"),
     # -- devices
     ("devices-word", "devices: some\n", "devices: expected 'all' or a non-empty list of device indices"),
     ("devices-int", "devices: 0\n", "devices: expected 'all' or a non-empty list of device indices"),
@@ -349,6 +363,15 @@ def test_relative_paths_resolve_against_the_config_dir(tmp_path: Path, monkeypat
     }
     assert all(p.is_absolute() for p in paths.values())
     assert c.state_dir == conf / ".." / "state"
+
+
+@pytest.mark.parametrize("url", [
+    "http://gpu-box-1.lan:8088", "https://d.example/rolemesh", "http://10.1.2.3:8088", "http://[fd00::7]:8088",
+    "http://[fe80::1%25eth0]:8088", "http://node_7:8088", "http://user:pw@dispatcher.lan",
+])
+def test_urls_accepted(write_config: Any, url: str) -> None:
+    c = load_config(write_config(f"advertise_url: '{url}/'\ndispatcher_base_url: '{url}'\n"))
+    assert c.advertise_url == url and c.dispatcher_base_url == url
 
 
 @pytest.mark.parametrize("text, expected", [
