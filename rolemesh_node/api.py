@@ -1,4 +1,4 @@
-"""The node's own endpoints (Klein): health, model list, inventory.
+"""The node's own endpoints (Klein): health, readiness, model list, inventory.
 
 The proxy routes live in :mod:`rolemesh_node.proxy`; the root resource in
 :mod:`rolemesh_node.web` sends everything else here. Unknown paths and wrong
@@ -47,6 +47,13 @@ class NodeAPI:
             "devices": len(node.devices),
             "discovered": node.discovered,
         })
+
+    @app.route("/ready", methods=["GET", "HEAD"])
+    def ready(self, request: Any) -> bytes:
+        """200 when the node serves, 503 while it starts, stops, or cannot serve."""
+        request.setHeader(b"x-request-id", request_id(request))
+        serving = self.node.serving()
+        return _json(request, serving.to_json(), 200 if serving.ready else 503)
 
     @app.route("/v1/models", methods=["GET"])
     def models(self, request: Any) -> bytes:

@@ -1,4 +1,4 @@
-"""Inbound API keys: ``Authorization: Bearer <key>`` on every route but ``/health``.
+"""Inbound API keys: ``Authorization: Bearer <key>`` on every route but ``/health`` and ``/ready``.
 
 Keys come from ``api_keys`` in the config and/or ``api_key_file`` (one key per
 line; blank lines and ``#`` comments ignored), read once at start. A request's

@@ -6,6 +6,9 @@ every child is stopped and waited for before the process exits 0.
 
 Exit codes: 0 after a clean stop, 1 when the port cannot be bound, 2 for a
 bad command line or config (``config error: FILE: key.path: problem``).
+
+``--check-config FILE`` validates a config and exits (0, or 2 with that one
+line) without starting anything: see :mod:`rolemesh_node.checkconfig`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         description="RoleMesh Node Agent: one llama-server per device behind an OpenAI-compatible proxy.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", "-c", metavar="PATH", help="the node's YAML config (docs/configuration.md)")
+    what.add_argument("--check-config", metavar="FILE",
+                      help="validate FILE as the node would at start, then exit (0: valid, 2: one config error "
+                           "line); files absent here (keys, token, models) are listed as not checked")
     what.add_argument("--demo", action="store_true",
                       help="generate two tiny models and run a CPU node on 127.0.0.1 serving them")
     parser.add_argument("--demo-dir", metavar="DIR", default="rolemesh-demo",
@@ -36,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.check_config is not None:
+        return _check(args.check_config)
     if args.demo:
         from .demo import banner, prepare
 
@@ -78,6 +86,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # After Twisted installed its handlers (SIGCHLD is needed to reap children).
     reactor.callWhenRunning(install_stop_handlers, reactor)
     reactor.run()
+    return 0
+
+
+def _check(path: str) -> int:
+    from .checkconfig import check_config
+
+    try:
+        report = check_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 2
+    print("\n".join(report.lines()), flush=True)
     return 0
 
 

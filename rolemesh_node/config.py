@@ -8,16 +8,22 @@ single line operators see::
 The loader walks the YAML node tree itself (rather than trusting
 ``yaml.safe_load``) so that a duplicated key — which PyYAML would silently
 merge — is an error that names where it stands.
+
+A few keys that differ from host to host while the file is shared (a
+Kubernetes ConfigMap, a Nomad template) can be overridden by environment
+variables (:data:`ENV_OVERRIDES`); :func:`load_config` applies them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -29,6 +35,15 @@ RESERVED_CHILD_FLAGS = frozenset(
     {"--host", "--port", "-m", "--model", "-np", "--parallel", "--alias", "-a",
      "-c", "--ctx-size", "--embeddings", "--embedding"}
 )
+
+
+#: Environment variable -> the key it overrides. Only keys whose value is a
+#: string, and only those that are one host's own (its name, its address): a
+#: file shared by a fleet cannot hold them. The variable wins over the file.
+ENV_OVERRIDES: Mapping[str, str] = MappingProxyType({
+    "ROLEMESH_NODE_ID": "node_id",
+    "ROLEMESH_ADVERTISE_URL": "advertise_url",
+})
 
 
 class ConfigError(Exception):
@@ -223,12 +238,48 @@ def _str_list(value: Any, path: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+_HOST_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _is_http_url(text: str) -> bool:
+    """``http(s)://host[:port][/path]`` with a host name or IP literal and a valid port.
+
+    Catches what an unexpanded template leaves behind (``http://$(POD_IP):8088``)
+    and an IPv6 address without brackets."""
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    if ":" in host:  # only an IPv6 literal in brackets gets here
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    return set(host) <= _HOST_CHARS
+
+
+def _without_userinfo(text: str) -> str:
+    """``text`` with any ``user:password@`` replaced (config errors are printed)."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if "@" not in parts.netloc:
+        return text
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def _url(value: Any, path: str) -> str | None:
     if value is None:
         return None
     text = _str(value, path).rstrip("/")
-    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
-        raise _Bad(path, f"expected an http:// or https:// URL, got {value!r}")
+    if not _is_http_url(text):
+        raise _Bad(path, f"expected an http:// or https:// URL, got {_without_userinfo(str(value))!r}")
     return text
 
 
@@ -407,8 +458,18 @@ def _check_duplicates(node: yaml.Node, path: str) -> None:
             _check_duplicates(item, f"{path}[{i}]")
 
 
-def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> NodeConfig:
-    """Parse and validate YAML text. Relative paths resolve against ``base_dir``."""
+def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """The keys that ``environ`` overrides: ``{key: variable}`` (see :data:`ENV_OVERRIDES`)."""
+    return {key: var for var, key in ENV_OVERRIDES.items() if var in environ}
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None,
+                 environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Parse and validate YAML text. Relative paths resolve against ``base_dir``.
+
+    ``environ`` (none by default: the text alone decides) supplies the
+    :data:`ENV_OVERRIDES`; a variable that is set replaces the key's value
+    from the text, which must be valid all the same."""
     base = base_dir if base_dir is not None else Path.cwd()
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -433,6 +494,9 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
             if not isinstance(key, str) or key not in fields:
                 raise _Bad(str(key), "unknown key (see docs/configuration.md)")
             values[key] = fields[key](value, key)
+        overrides = environ if environ is not None else {}
+        for key, var in env_overrides(overrides).items():
+            values[key] = _from_env(fields[key], key, var, overrides[var])
         if values.get("dispatcher_token") and values.get("dispatcher_token_file"):
             raise _Bad("dispatcher_token_file", "give dispatcher_token or dispatcher_token_file, not both")
         defaults = NodeConfig()
@@ -453,8 +517,16 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     return NodeConfig(source=source, **values)
 
 
-def load_config(path: str | os.PathLike[str]) -> NodeConfig:
-    """Read, parse and validate the YAML file at ``path``."""
+def _from_env(convert: Callable[[Any, str], Any], key: str, var: str, value: str) -> Any:
+    try:
+        return convert(value, key)
+    except _Bad as bad:
+        raise _Bad(bad.path, f"{bad.problem} (from environment variable {var})") from None
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read, parse and validate the YAML file at ``path``, with the
+    :data:`ENV_OVERRIDES` found in ``environ`` (default: ``os.environ``)."""
     source = os.fspath(path)
     try:
         text = Path(source).read_text(encoding="utf-8")
@@ -466,4 +538,5 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
         raise ConfigError(source, "(file)", "permission denied") from None
     except UnicodeDecodeError:
         raise ConfigError(source, "(file)", "not UTF-8 text") from None
-    return parse_config(text, source, Path(source).resolve().parent)
+    return parse_config(text, source, Path(source).resolve().parent,
+                        os.environ if environ is None else environ)

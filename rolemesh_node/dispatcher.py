@@ -73,6 +73,7 @@ NODE_ENDPOINTS: tuple[str, ...] = (
     "/v1/models",
     "/v1/node/inventory",
     "/health",
+    "/ready",
 )
 
 #: stop never waits longer than this for the deregistration

@@ -7,6 +7,7 @@ to. It owns no sockets; :mod:`rolemesh_node.service` wires it to the reactor.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -31,6 +32,22 @@ class NotReady(Exception):
     """Device discovery has not finished yet."""
 
 
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """Whether the node serves requests now, and if not, why (``GET /ready``).
+
+    ``status`` is ``ready`` or a word for the reason: ``starting``,
+    ``no_devices``, ``no_llama_server``, ``stopping``. ``reason`` is for
+    people; it names no path or secret (``/ready`` is unauthenticated)."""
+
+    ready: bool
+    status: str
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ready": self.ready, "status": self.status, "reason": self.reason}
+
+
 class Node:
     def __init__(
         self,
@@ -52,6 +69,7 @@ class Node:
         self.slots: dict[str, DeviceSlot] = {}
         self.metrics: dict[str, DeviceMetrics] = {}
         self.discovered = False
+        self.stopping = False
         self.bin_error: str | None = None
         self._bin: str | None = None
         self._discovery: Deferred[Any] | None = None
@@ -114,10 +132,27 @@ class Node:
 
     def stop(self) -> Deferred[Any]:
         """Refuse the waiting requests and stop every child; fires when all have exited."""
+        self.stopping = True
         if self._discovery is not None and not self._discovery.called:
             self._discovery.cancel()
         self.coordinator.stop()
         return DeferredList([slot.stop() for slot in self.slots.values()], consumeErrors=True)
+
+    def serving(self) -> Serving:
+        """Does the node serve requests now? The one place that decides
+        ``/ready``: a new reason not to serve (draining…) is one more check here."""
+        if self.stopping:
+            return Serving(False, "stopping", "the node is stopping")
+        if not self.discovered:
+            return Serving(False, "starting", "device discovery has not finished")
+        if not self.devices:
+            return Serving(False, "no_devices", "no device was found (see the log)")
+        if self.bin_error is not None:
+            try:
+                self.bin_path()  # installed since? (it is looked up again on every ask until found)
+            except LlamaServerNotFound:
+                return Serving(False, "no_llama_server", "llama-server was not found (see /v1/node/inventory)")
+        return Serving(True, "ready")
 
     # ------------------------------------------------------------ scheduling
 

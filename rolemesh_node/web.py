@@ -4,7 +4,7 @@
   :class:`~rolemesh_node.proxy.ProxyResource` and everything else to the Klein
   app (:mod:`rolemesh_node.api`), so the hot path skips Klein's routing. It
   checks the API key (when keys are configured) on every route but
-  ``/health``.
+  ``/health`` and ``/ready``.
 * :class:`NodeRequest` caps what a request body may hold in memory: past
   ``max_request_body_bytes`` the rest is read off the wire and dropped, and the
   request is answered 413 — a huge upload cannot fill the agent's memory.
@@ -32,7 +32,8 @@ from .accesslog import AccessLog
 from .auth import ApiKeys
 from .errors import error_body, set_error
 
-UNAUTHENTICATED_PATHS = frozenset({b"/health"})
+#: probes (a kubelet, a load balancer) call these without a key
+UNAUTHENTICATED_PATHS = frozenset({b"/health", b"/ready"})
 
 
 class _CappedBody(io.BytesIO):

@@ -24,6 +24,10 @@ Fixtures (all plain names, request them as test arguments):
 ``http_client``
     A treq ``HTTPClient`` with non-persistent connections (nothing stays open
     between tests).
+``no_override_variables`` (autouse)
+    Removes the ``ROLEMESH_*`` variables that override config keys
+    (``config.ENV_OVERRIDES``) from the environment, so a developer's shell
+    never changes what a test loads; a test sets them itself.
 ``fail_on_logged_errors`` (autouse)
     Fails a test during which anything was logged at error level or above, or
     a Deferred died with an unhandled error. Tests that provoke errors on
@@ -54,6 +58,15 @@ ALLOW_ERRORS = "allow_errors"
 
 # --------------------------------------------------------------------------
 # ports, models, the llama-server binary, config files
+
+
+@pytest.fixture(autouse=True)
+def no_override_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``ROLEMESH_*`` config override from the developer's environment (subprocesses included)."""
+    from rolemesh_node.config import ENV_OVERRIDES
+
+    for var in ENV_OVERRIDES:
+        monkeypatch.delenv(var, raising=False)
 
 
 def _free_port(host: str = "127.0.0.1") -> int:

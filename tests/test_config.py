@@ -18,7 +18,16 @@ from typing import Any
 import pytest
 import yaml
 
-from rolemesh_node.config import RESERVED_CHILD_FLAGS, ConfigError, ModelSpec, NodeConfig, load_config
+from rolemesh_node.config import (
+    ENV_OVERRIDES,
+    RESERVED_CHILD_FLAGS,
+    ConfigError,
+    ModelSpec,
+    NodeConfig,
+    env_overrides,
+    load_config,
+    parse_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -120,6 +129,20 @@ FAILURES: list[tuple[str, str, str]] = [
      "dispatcher_base_url: expected an http:// or https:// URL, got 'http://'"),
     ("advertise-url-bare-host", "advertise_url: node-7:8088\n",
      "advertise_url: expected an http:// or https:// URL, got 'node-7:8088'"),
+    # what an unexpanded template leaves (Kubernetes keeps "$(VAR)" when VAR is not defined)
+    ("advertise-url-unexpanded", "advertise_url: http://$(POD_IP):8088\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://$(POD_IP):8088'"),
+    ("advertise-url-ipv6-unbracketed", "advertise_url: http://fd00::7:8088\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://fd00::7:8088'"),
+    ("advertise-url-bad-port", "advertise_url: http://node-7:80a\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://node-7:80a'"),
+    ("advertise-url-port-too-big", "advertise_url: http://node-7:70000\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://node-7:70000'"),
+    ("advertise-url-space", "advertise_url: http://node 7:8088\n",
+     "advertise_url: expected an http:// or https:// URL, got 'http://node 7:8088'"),
+    # a password in a bad URL is not printed
+    ("dispatcher-url-userinfo", "dispatcher_base_url: http://user:s3cret@$(DISPATCHER)\n",
+     "dispatcher_base_url: expected an http:// or https:// URL, got 'http://***@$(DISPATCHER)'"),
     # -- devices
     ("devices-word", "devices: some\n", "devices: expected 'all' or a non-empty list of device indices"),
     ("devices-int", "devices: 0\n", "devices: expected 'all' or a non-empty list of device indices"),
@@ -351,6 +374,15 @@ def test_relative_paths_resolve_against_the_config_dir(tmp_path: Path, monkeypat
     assert c.state_dir == conf / ".." / "state"
 
 
+@pytest.mark.parametrize("url", [
+    "http://gpu-box-1.lan:8088", "https://d.example/rolemesh", "http://10.1.2.3:8088", "http://[fd00::7]:8088",
+    "http://[fe80::1%25eth0]:8088", "http://node_7:8088", "http://user:pw@dispatcher.lan",
+])
+def test_urls_accepted(write_config: Any, url: str) -> None:
+    c = load_config(write_config(f"advertise_url: '{url}/'\ndispatcher_base_url: '{url}'\n"))
+    assert c.advertise_url == url and c.dispatcher_base_url == url
+
+
 @pytest.mark.parametrize("text, expected", [
     ("", None), ("devices: all\n", None), ("devices: null\n", None), ("devices: [0]\n", (0,)),
     ("devices: [3, 1]\n", (3, 1)),
@@ -381,6 +413,67 @@ def test_yaml_anchors_and_merge_keys(write_config: Any) -> None:
     c = load_config(write_config(
         "models:\n  a: &common\n    path: a.gguf\n    ctx_size: 1024\n  b:\n    <<: *common\n    path: b.gguf\n"))
     assert c.models["b"].ctx_size == 1024 and c.models["b"].path.name == "b.gguf"
+
+
+# -- environment overrides (ROLEMESH_NODE_ID, ROLEMESH_ADVERTISE_URL)
+
+HOST_ENV = {"ROLEMESH_NODE_ID": "gpu-node-7", "ROLEMESH_ADVERTISE_URL": "http://10.1.2.3:8088/"}
+
+
+def test_environment_overrides_the_file(write_config: Any) -> None:
+    path = write_config("node_id: from-file\nadvertise_url: http://file.lan:8088\nlisten_port: 9000\n")
+    c = load_config(path, HOST_ENV)
+    assert (c.node_id, c.advertise_url, c.listen_port) == ("gpu-node-7", "http://10.1.2.3:8088", 9000)
+    assert env_overrides(HOST_ENV) == {"node_id": "ROLEMESH_NODE_ID", "advertise_url": "ROLEMESH_ADVERTISE_URL"}
+    # one variable alone overrides one key alone
+    only_id = load_config(path, {"ROLEMESH_NODE_ID": "gpu-node-8", "UNRELATED": "x"})
+    assert (only_id.node_id, only_id.advertise_url) == ("gpu-node-8", "http://file.lan:8088")
+    assert load_config(path, {}) == dataclasses.replace(c, node_id="from-file", advertise_url="http://file.lan:8088")
+
+
+def test_load_config_reads_the_process_environment(write_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config("")
+    assert load_config(path).node_id is None
+    monkeypatch.setenv("ROLEMESH_NODE_ID", "gpu-node-9")
+    assert load_config(path).node_id == "gpu-node-9"
+    # parse_config applies only what it is given: the text alone by default
+    assert parse_config("", "node.yaml").node_id is None
+    assert parse_config("", "node.yaml", environ={"ROLEMESH_NODE_ID": "x-1"}).node_id == "x-1"
+
+
+@pytest.mark.parametrize("var, value, problem", [
+    ("ROLEMESH_NODE_ID", "gpu node", "node_id: expected up to 128 characters of letters, digits, '-', '_', '.', "
+                                     "':' (from environment variable ROLEMESH_NODE_ID)"),
+    ("ROLEMESH_NODE_ID", "", "node_id: expected a non-empty string, got string "
+                             "(from environment variable ROLEMESH_NODE_ID)"),
+    # Kubernetes leaves "$(POD_IP)" as it is when POD_IP is not defined before it
+    ("ROLEMESH_ADVERTISE_URL", "http://$(POD_IP):8088", "advertise_url: expected an http:// or https:// URL, got "
+                                                        "'http://$(POD_IP):8088' (from environment variable "
+                                                        "ROLEMESH_ADVERTISE_URL)"),
+    ("ROLEMESH_ADVERTISE_URL", "10.1.2.3:8088", "advertise_url: expected an http:// or https:// URL, got "
+                                               "'10.1.2.3:8088' (from environment variable ROLEMESH_ADVERTISE_URL)"),
+])
+def test_bad_environment_value_is_a_config_error(write_config: Any, var: str, value: str, problem: str) -> None:
+    path = write_config("listen_port: 9000\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {var: value})
+    assert str(info.value) == f"config error: {path}: {problem}"
+
+
+def test_the_file_must_be_valid_under_an_override(write_config: Any) -> None:
+    # the file also runs where the variable is not set: its own value is checked
+    path = write_config("node_id: my node\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, HOST_ENV)
+    assert str(info.value).startswith(f"config error: {path}: node_id: expected up to 128 characters")
+    assert "environment" not in str(info.value)
+
+
+def test_every_override_names_a_string_key() -> None:
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    for var, key in ENV_OVERRIDES.items():
+        assert var == "ROLEMESH_" + key.upper()
+        assert fields[key].type in ("str | None", "str")  # an environment value is a string
 
 
 def test_token_not_in_repr(write_config: Any) -> None:
@@ -468,6 +561,8 @@ def test_reference_documents_every_key() -> None:
         assert f"`{key}`" in text, f"{key} missing from docs/configuration.md"
     for flag in RESERVED_CHILD_FLAGS:
         assert f"`{flag}`" in text, f"reserved flag {flag} missing from docs/configuration.md"
+    for var in ENV_OVERRIDES:
+        assert f"`{var}`" in text, f"environment variable {var} missing from docs/configuration.md"
     assert "config error: FILE: key.path: problem" in text
 
 

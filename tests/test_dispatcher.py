@@ -272,7 +272,7 @@ def test_register_payload_shape(tmp_path) -> None:
     ]
     caps = body["capabilities"]
     assert set(caps["endpoints"]) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                                      "/v1/models", "/v1/node/inventory", "/health"}
+                                      "/v1/models", "/v1/node/inventory", "/health", "/ready"}
     assert caps["max_pending_requests_per_device"] == 3
     assert caps["max_concurrent_requests_per_device"] == 2
     assert caps["streaming"] is True

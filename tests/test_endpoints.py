@@ -212,6 +212,15 @@ async def test_generated_node_id_persists_across_restarts(node_service: Any, htt
 
 
 @pytest_twisted.ensureDeferred
+async def test_node_id_from_the_environment_wins(node_service: Any, http_client: Any, base_config: dict[str, Any],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROLEMESH_NODE_ID", "k8s-node-3.example")  # as a DaemonSet sets it from spec.nodeName
+    service = await node_service({**base_config, "node_id": "from-the-shared-file"})
+    assert (await get_json(http_client, service, "/health"))["node_id"] == "k8s-node-3.example"
+    assert (await get_json(http_client, service, "/v1/node/inventory"))["node_id"] == "k8s-node-3.example"
+
+
+@pytest_twisted.ensureDeferred
 async def test_configured_node_id_wins(node_service: Any, http_client: Any, base_config: dict[str, Any],
                                        tmp_path: Path) -> None:
     service = await node_service({**base_config, "node_id": "rack-3.gpu-node:7"})

@@ -59,14 +59,15 @@ def test_api_key_file_and_config_validation(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_route_but_health_needs_the_key(node_service, tiny_models, llama_server_bin):
+async def test_every_route_but_the_probes_needs_the_key(node_service, tiny_models, llama_server_bin):
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:
         service = await node_service(models_config(tiny_models, api_keys=[KEY]))
-        health = await treq.get(url(service, "/health"), persistent=False)
-        assert health.code == 200
-        await health.content()
+        for probe in ("/health", "/ready"):  # a kubelet or load balancer has no key
+            answer = await treq.get(url(service, probe), persistent=False)
+            assert answer.code == 200, probe
+            await answer.content()
         body = json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": 2}).encode()
         for method, path in (("GET", "/v1/models"), ("GET", "/v1/node/inventory"), ("GET", "/metrics"),
                              ("POST", "/v1/completions"), ("GET", "/nope")):

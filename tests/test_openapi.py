@@ -70,8 +70,8 @@ def schema_validator(raw_spec: dict[str, Any], name: str) -> Draft202012Validato
 
 def test_document_is_valid_openapi_3_1(openapi: OpenAPI, raw_spec: dict[str, Any]) -> None:
     assert raw_spec["openapi"].startswith("3.1")
-    assert set(raw_spec["paths"]) == {"/health", "/v1/models", "/v1/node/inventory", "/v1/chat/completions",
-                                      "/v1/completions", "/v1/embeddings"}
+    assert set(raw_spec["paths"]) == {"/health", "/ready", "/v1/models", "/v1/node/inventory",
+                                      "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 
 
 def test_document_matches_the_code(raw_spec: dict[str, Any]) -> None:
@@ -106,6 +106,23 @@ def test_response_validation_is_strict(openapi: OpenAPI) -> None:
             openapi.validate_response(request, MockResponse(json.dumps(bad).encode(), headers=headers))
     with pytest.raises(MissingRequiredHeader):  # X-Request-Id is required
         openapi.validate_response(request, MockResponse(json.dumps(good).encode()))
+
+
+def test_every_readiness_status_is_documented(openapi: OpenAPI, raw_spec: dict[str, Any]) -> None:
+    from rolemesh_node.node import Serving
+
+    documented = raw_spec["components"]["schemas"]["Readiness"]["properties"]["status"]["enum"]
+    assert documented[0] == "ready"
+    request = MockRequest("http://127.0.0.1:8088", "GET", "/ready")
+    headers = {"X-Request-Id": "abc"}
+    ready = Serving(True, "ready").to_json()
+    openapi.validate_response(request, MockResponse(json.dumps(ready).encode(), headers=headers))
+    for status in documented[1:]:
+        doc = Serving(False, status, "why").to_json()
+        openapi.validate_response(request, MockResponse(json.dumps(doc).encode(), status_code=503, headers=headers))
+    with pytest.raises(InvalidData):
+        doc = Serving(False, "draining-but-undocumented", "why").to_json()
+        openapi.validate_response(request, MockResponse(json.dumps(doc).encode(), status_code=503, headers=headers))
 
 
 # ==========================================================================
@@ -216,13 +233,14 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
     await node.start()
     try:
         # ------------------------------------------------ the node's own routes
-        for path in ("/health", "/v1/models", "/v1/node/inventory"):
+        for path in ("/health", "/ready", "/v1/models", "/v1/node/inventory"):
             status, headers, body = await node.call("GET", path)
             assert status == 200, (path, body)
             check_response(openapi, node, "GET", path, status, headers, body)
-        status, headers, body = await node.call("HEAD", "/health")
-        assert status == 200 and body == b""
-        check_response(openapi, node, "HEAD", "/health", status, headers, body)
+        for path in ("/health", "/ready"):
+            status, headers, body = await node.call("HEAD", path)
+            assert status == 200 and body == b""
+            check_response(openapi, node, "HEAD", path, status, headers, body)
 
         models_doc = json.loads((await node.call("GET", "/v1/models"))[2])
         assert {m["id"]: m["state"] for m in models_doc["data"]} == {"alpha": "available", "ghost": "unavailable"}
@@ -256,6 +274,7 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
             ("GET", "/v1/chat/completions", 405, "POST"),
             ("PUT", "/v1/embeddings", 405, "POST"),
             ("POST", "/health", 405, "GET, HEAD"),
+            ("PUT", "/ready", 405, "GET, HEAD"),
             ("DELETE", "/v1/models", 405, "GET, HEAD"),
             ("POST", "/v1/node/inventory", 405, "GET, HEAD"),
             ("GET", "/no/such/path", 404, None),
