@@ -111,6 +111,8 @@ class Coordinator:
     def submit(self, model: str) -> Ticket:
         """A place for one request for ``model`` (raises Rejected or NoDevice)."""
         ticket = Ticket(self, model, self.reactor.seconds())
+        for slot in self.slots.values():
+            slot.note_arrival(model)
         queue = self.queues.get(model)
         if not queue:
             slot = self._ready_holder(model)

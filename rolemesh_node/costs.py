@@ -74,6 +74,10 @@ class CostBook:
                 return max(rates) * size  # type: ignore[operator]
         return None
 
+    def max_service_s(self) -> float | None:
+        """The longest measured service time of any model (what a drain may take)."""
+        return max((a.value for a in self._service.values()), default=None)
+
     def service_s(self, model: str) -> float | None:
         avg = self._service.get(model)
         return None if avg is None else avg.value

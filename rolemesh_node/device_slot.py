@@ -229,6 +229,9 @@ class DeviceSlot:
         self.last_switch_s: float | None = None
         self.last_switch_at: float | None = None
         self.idle_since: float | None = None  # ready with nothing in flight since (reactor seconds)
+        # since the last grant: requests that finished here, requests for other models that arrived
+        self._done_since_grant = 0
+        self._others_since_grant = 0
         self._ready_waiters: list[tuple[str, Deferred[LlamaServerChild]]] = []
         self._idle_call: Any = None
         self._stopping_all = False
@@ -296,6 +299,7 @@ class DeviceSlot:
                             f"({state.phase.value} {state.model}, {self.inflight} in flight)")
         self._cancel_idle()
         self.idle_since = None
+        self._done_since_grant = self._others_since_grant = 0
         lease = Lease(self, state.child, model)
         self.leases.append(lease)
         self._mark_running()
@@ -309,6 +313,7 @@ class DeviceSlot:
 
     def _release(self, lease: Lease) -> None:
         self.leases.remove(lease)
+        self._done_since_grant += 1
         self._mark_running()
         if not self.leases and isinstance(self._state, Ready):
             self.idle_since = self.reactor.seconds()
@@ -316,6 +321,11 @@ class DeviceSlot:
         self._emit("released", model=lease.model, seconds=held, drained=self.inflight == 0)
         if self.inflight == 0 and isinstance(self._state, Ready):
             self._schedule_idle()
+
+    def note_arrival(self, model: str) -> None:
+        """A request for ``model`` arrived at the node (the scheduler's view of who moved on)."""
+        if model != self._state.model:
+            self._others_since_grant += 1
 
     # ------------------------------------------------------------ switching
 
@@ -579,6 +589,7 @@ class DeviceSlot:
             loaded_model_bytes=loaded_model_bytes,
             cooldown_models=frozenset(c.model for c in cooldowns),
             idle_since=self.idle_since,
+            clients_left=self._done_since_grant > 0 and self._others_since_grant >= self._done_since_grant,
             waiting=waiting,
             port=None if child is None else child.port,
             pid=None if child is None or child.state is ChildState.EXITED else child.pid,

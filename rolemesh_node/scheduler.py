@@ -16,10 +16,17 @@ out. The steps, in order (also in ``docs/architecture.md``):
 2. **Free devices** (no child, a failed one, or a ready child whose model has
    had nothing waiting and nothing in flight for as long as the switch would
    cost — rent or buy: a client of the old model that comes back sooner would
-   cost a second switch) are given to the waiting models that no device
+   cost a second switch — unless its clients have visibly moved on: since its
+   last request was granted, as many requests for other models arrived as its
+   requests finished) are given to the waiting models that no device
    holds, oldest waiting request first; an empty device before one that would
    lose a loaded model, then the cheapest measured switch.
-3. **Bounded wait.** A waiting model that no device holds is *overdue* once
+3. **Grouping.** Every ready device that is not switching serves the oldest
+   requests for its model, up to its free capacity; requests for a model held
+   by several devices go to the one with the most room. (Before step 4, so a
+   device that has just loaded a model serves one round of its waiting
+   requests before it can be drained again: a load is never wasted.)
+4. **Bounded wait.** A waiting model that no device holds is *overdue* once
    it has waited ``max_switch_wait_s`` (counted from its oldest request's
    arrival, or from when the model lost its last device if that is later: a
    request that queued behind its own model's requests did not wait for a
@@ -29,9 +36,6 @@ out. The steps, in order (also in ``docs/architecture.md``):
    order their requests arrived, so with two models per device a request
    waits at most ``max_switch_wait_s`` + one drain + one switch before its
    model is served.
-4. **Grouping.** Every ready device that is not switching serves the oldest
-   requests for its model, up to its free capacity; requests for a model held
-   by several devices go to the one with the most room.
 5. **Replicas.** A model whose remaining requests would wait longer on the
    devices that hold it (remaining × service time ÷ their slots) than a load
    costs on a free device gets that device too (one more per plan). Before
@@ -68,25 +72,28 @@ class ModelQueue:
 class SwitchPolicy:
     """How long a waiting model may wait for a device before one switches to it.
 
-    ``max_switch_wait_s`` set: that. Unset: ``multiple`` × the model's measured
-    switch cost, kept within [``floor_s``, ``ceiling_s``] (``floor_s`` while
-    nothing is measured): a switch then costs at most 1/``multiple`` of the
-    time a device spends on a model while another waits.
+    ``max_switch_wait_s`` set: that. Unset: ``multiple`` × (the model's measured
+    switch cost + the longest measured service time, which bounds the drain
+    before the switch), kept within [``floor_s``, ``ceiling_s``] (``floor_s``
+    while nothing is measured): the drain and the switch then take at most
+    1/``multiple`` of the time a device spends on a model while another waits.
     """
 
     max_switch_wait_s: float | None = None
     multiple: float = 5.0
     floor_s: float = 1.0
     ceiling_s: float = 60.0
-    min_grace_s: float = 0.05
+    min_grace_s: float = 0.005
+    unknown_grace_s: float = 0.05
 
     def max_wait(self, model: str, costs: CostBook, sizes: Mapping[str, int | None] | None = None) -> float:
         if self.max_switch_wait_s is not None:
             return self.max_switch_wait_s
-        estimate = costs.switch_s(model, None, dict(sizes) if sizes else None)
-        if estimate is None:
+        switch = costs.switch_s(model, None, dict(sizes) if sizes else None)
+        if switch is None:
             return self.floor_s
-        return min(self.ceiling_s, max(self.floor_s, self.multiple * estimate))
+        drain = costs.max_service_s() or 0.0
+        return min(self.ceiling_s, max(self.floor_s, self.multiple * (switch + drain)))
 
 
     def grace(self, model: str, device: str, costs: CostBook, sizes: Mapping[str, int | None] | None = None) -> float:
@@ -94,10 +101,11 @@ class SwitchPolicy:
 
         As long as the switch costs (the rent-or-buy rule: a request for the old
         model that comes back sooner would have paid a second switch), at least
-        ``min_grace_s``, at most the bounded wait.
+        ``min_grace_s`` (``unknown_grace_s`` while nothing is measured), at most
+        the bounded wait.
         """
         estimate = costs.switch_s(model, device, dict(sizes) if sizes else None)
-        grace = max(self.min_grace_s, estimate or 0.0)
+        grace = self.unknown_grace_s if estimate is None else max(self.min_grace_s, estimate)
         return min(grace, self.max_wait(model, costs, sizes))
 
 
@@ -147,8 +155,8 @@ def unable_reason(model: str, device: DeviceSnapshot, size: int | None) -> str |
     """Why ``device`` cannot take ``model`` (None: it can)."""
     if model in device.cooldown_models:
         return "model is in crash cooldown here"
-    if device.model == model and device.phase is Phase.READY:
-        return None  # holds it: fits by definition
+    if device.model == model and device.phase in (Phase.STARTING, Phase.READY, Phase.DRAINING):
+        return None  # holds it (or is loading it): fits by definition
     if size is None or device.free_memory_bytes is None:
         return None  # unknown never excludes
     reclaim = 0
@@ -173,6 +181,7 @@ class _Planner:
         self.out: list[Serve | Switch | Refuse] = []
         self.taken: dict[str, int] = {}
         self.claimed: dict[str, str] = {}
+        self.served: dict[str, int] = {}  # device -> requests this plan sends it
         self.refused: set[str] = set()
         self.dest: dict[str, str | None] = {
             d.device_id: None if d.phase is Phase.DRAINING and d.in_flight == 0 else d.destined for d in devices}
@@ -200,7 +209,7 @@ class _Planner:
             return True
         if device.phase not in (Phase.READY, Phase.DRAINING) or device.in_flight or self.left(device.model):
             return False
-        if device.phase is Phase.DRAINING or device.idle_since is None:
+        if device.phase is Phase.DRAINING or device.idle_since is None or device.clients_left:
             return True
         free_at = device.idle_since + self.policy.grace(model, device.device_id, self.costs, self.sizes)
         if self.now >= free_at:
@@ -278,7 +287,8 @@ class _Planner:
             candidates = [d for d in self.devices if d.device_id not in self.claimed and d.phase is Phase.READY
                           and self.able(model, d)]
             if candidates:
-                best = min(candidates, key=lambda d: (d.in_flight, self.cost(model, d), d.index))
+                best = min(candidates, key=lambda d: (d.in_flight + self.served.get(d.device_id, 0),
+                                                      self.cost(model, d), d.index))
                 self.claim(best, model, "overdue")
 
     def serve_holders(self) -> None:
@@ -296,6 +306,7 @@ class _Planner:
                 best = max(devices, key=lambda d: (room[d.device_id], -d.index))
                 taken = self.taken.get(model, 0)
                 self.out.append(Serve(queue.requests[taken], best.device_id))
+                self.served[best.device_id] = self.served.get(best.device_id, 0) + 1
                 self.taken[model] = taken + 1
                 room[best.device_id] -= 1
                 if not room[best.device_id]:
@@ -331,8 +342,8 @@ def decide(now: float, waiting: Mapping[str, ModelQueue], devices: Sequence[Devi
     planner.refuse_impossible()
     planner.settle_drained()
     planner.load_free_devices()
-    planner.switch_overdue()
     planner.serve_holders()
+    planner.switch_overdue()
     planner.add_replicas()
     return Plan(tuple(planner.out), planner.wake_at)
 

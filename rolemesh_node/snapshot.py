@@ -55,6 +55,9 @@ class DeviceSnapshot:
     loaded_model_bytes: int | None = None
     cooldown_models: frozenset[str] = frozenset()
     idle_since: float | None = None  # reactor seconds: ready with nothing in flight since then
+    #: its clients moved on: since its model's last grant, as many requests for other models
+    #: arrived as its requests finished (no need to wait for them to come back)
+    clients_left: bool = False
     # reporting only
     waiting: int = 0  # requests waiting node-wide for the model this device holds or switches to
     port: int | None = None

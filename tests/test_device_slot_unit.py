@@ -279,6 +279,23 @@ def test_a_lease_beyond_the_child_slots_runs_when_one_ahead_leaves(models):
     assert calls == ["first", "second"] and slot.inflight == 0
 
 
+def test_clients_left_once_as_many_other_requests_arrived_as_finished(models):
+    slot, _ = make_slot(models, max_pending_requests_per_device=4)
+    slot.switch_to(models["a"])
+    FakeChild.instances[0].become_ready()
+    assert not slot.snapshot().clients_left
+    one, two = slot.grant("a"), slot.grant("a")
+    one.release()
+    slot.note_arrival("b")  # its client moved on to b
+    slot.note_arrival("a")  # a request for its own model does not count
+    two.release()
+    assert not slot.snapshot().clients_left  # two finished, one moved on: the other may come back
+    slot.note_arrival("b")
+    assert slot.snapshot().clients_left
+    slot.grant("a").release()
+    assert not slot.snapshot().clients_left  # counted again from the last grant
+
+
 def test_every_lease_runs_at_once_within_the_child_slots(models):
     slot, _ = make_slot(models, llama_server_parallel=2, max_concurrent_requests_per_device=2)
     slot.switch_to(models["a"])

@@ -99,9 +99,17 @@ def test_work_in_flight_is_not_drained_before_the_bound():
 
 
 def test_the_wait_bound_makes_a_busy_device_drain_and_switch():
-    plan = plan_of(12.0, queues(a=[11.9], b=[2.0]), [dev(phase=Phase.READY, model="a", in_flight=1)])
-    # due: the device is claimed for b (it drains), a gets no more
+    plan = plan_of(12.0, queues(a=[11.9], b=[2.0]), [dev(phase=Phase.READY, model="a", in_flight=2)])
+    # due: the device (full) is claimed for b: it drains, a gets no more
     assert names(plan) == [("switch", "cpu:0", "b", "overdue")]
+
+
+def test_a_device_that_just_loaded_its_model_serves_a_round_before_it_drains():
+    # b's requests waited for this load; a is overdue too: b's waiters are served, then the device drains
+    plan = plan_of(31.0, {"a": ModelQueue([Req("a0", 10.0)], uncovered_since=10.0),
+                          "b": ModelQueue([Req("b0", 1.0), Req("b1", 2.0), Req("b2", 3.0)])},
+                   [dev(phase=Phase.READY, model="b", in_flight=0, capacity=2)], policy=SwitchPolicy(20.0))
+    assert names(plan) == [("serve", "b0", "cpu:0"), ("serve", "b1", "cpu:0"), ("switch", "cpu:0", "a", "overdue")]
 
 
 def test_overdue_counts_from_when_the_model_lost_its_device():
@@ -113,9 +121,8 @@ def test_overdue_counts_from_when_the_model_lost_its_device():
 
 def test_the_overdue_model_takes_the_device_with_least_in_flight():
     devices = [dev("cpu:0", Phase.READY, "a", in_flight=2), dev("cpu:1", Phase.READY, "c", in_flight=1)]
-    plan = plan_of(20.0, queues(a=[19.0], c=[19.5], b=[1.0]), devices)
-    assert ("switch", "cpu:1", "b", "overdue") in names(plan)
-    assert ("serve", "a0", "cpu:0") not in names(plan) or True  # cpu:0 is full (capacity 2)
+    plan = plan_of(20.0, queues(a=[19.0], b=[1.0]), devices)
+    assert names(plan) == [("switch", "cpu:1", "b", "overdue")]  # cpu:0 is full (capacity 2): a0 waits
 
 
 def test_a_drained_device_switches_to_the_model_it_drained_for():
@@ -201,12 +208,29 @@ def test_starting_device_counts_as_holding_its_model():
     assert plan.decisions == ()
 
 
+def test_a_model_fits_on_the_device_that_is_loading_it():
+    loading = dev("cuda:0", Phase.STARTING, "big", free=38 * GB, loaded=42 * GB)
+    plan = plan_of(1.0, queues(big=[0.5, 0.6]), [loading], sizes={"big": 42 * GB})
+    assert plan.decisions == ()  # waits for the load; not refused
+
+
+def test_an_idle_device_whose_clients_moved_on_switches_without_waiting():
+    costs = CostBook()
+    costs.record_switch("b", "cpu:0", 0.4)
+    idle = DeviceSnapshot(device_id="cpu:0", index=0, phase=Phase.READY, model="a", idle_since=3.0, capacity=2,
+                          clients_left=True)
+    plan = plan_of(3.1, queues(b=[2.9]), [idle], costs)
+    assert names(plan) == [("switch", "cpu:0", "b", "load")]
+
+
 def test_derived_wait_bound_follows_the_measured_switch_cost():
     costs = CostBook()
     policy = SwitchPolicy()
     assert policy.max_wait("a", costs) == 1.0  # nothing measured: the floor
     costs.record_switch("a", "cuda:0", 4.0)
     assert policy.max_wait("a", costs) == 20.0
+    costs.record_service("a", 2.0)  # the drain before a switch counts too
+    assert policy.max_wait("a", costs) == 30.0
     costs.record_switch("b", "cuda:0", 25.0)
     assert policy.max_wait("b", costs) == 60.0  # the ceiling
     assert SwitchPolicy(max_switch_wait_s=0.0).max_wait("b", costs) == 0.0
@@ -226,8 +250,8 @@ def test_estimated_wait_for_retry_after():
     devices = [dev("cpu:0", Phase.READY, "a", in_flight=2, slots=1)]
     assert estimate_wait_s("a", 3, devices, costs, SwitchPolicy()) == pytest.approx(2.0)
     costs.record_switch("b", "cpu:0", 2.0)
-    # nobody holds b: the bound (5 x 2 s), one service and a load
-    assert estimate_wait_s("b", 0, devices, costs, SwitchPolicy()) == pytest.approx(10.0 + 0.0 + 2.0)
+    # nobody holds b: the bound (5 x (2 s switch + 0.5 s longest service)), b's service (unknown) and a load
+    assert estimate_wait_s("b", 0, devices, costs, SwitchPolicy()) == pytest.approx(12.5 + 0.0 + 2.0)
 
 
 def test_two_models_alternate_under_the_bound_on_one_device():
