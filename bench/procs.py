@@ -11,8 +11,10 @@ directory — nothing else on the machine is touched.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -255,3 +257,30 @@ def reap_strays(marker: str) -> list[int]:
             except OSError:
                 pass
     return killed
+
+
+def run_meta(binary: str, seconds: float, root: Path) -> dict[str, Any]:
+    """What a bench run's table header says about the machine, the binary and the checkout."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except Exception:
+            return ""
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stderr.strip()
+    return {
+        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+        "python": platform.python_version(), "llama_server": binary,
+        "llama_server_version": version.splitlines()[0] if version else "",
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--", "rolemesh_node")),
+    }

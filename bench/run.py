@@ -41,7 +41,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -58,7 +57,7 @@ if __name__ == "__main__" and not __package__:  # `python bench/run.py`
 
     raise SystemExit(_main())
 
-from .procs import CpuAccount, Sampler, Server, free_port, http_get, http_post, pin_children, reap_strays
+from .procs import CpuAccount, Sampler, Server, free_port, http_get, http_post, pin_children, reap_strays, run_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
@@ -463,28 +462,8 @@ class Bench:
         return out
 
     def meta(self, seconds: float) -> dict[str, Any]:
-        def git(*cmd: str) -> str:
-            try:
-                return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
-                                      timeout=10).stdout.strip()
-            except Exception:
-                return ""
-
-        cpu = ""
-        try:
-            cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                       if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        version = subprocess.run([self.binary, "--version"], capture_output=True, text=True).stderr.strip()
         return {
-            "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(seconds, 1),
-            "host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "llama_server": self.binary,
-            "llama_server_version": version.splitlines()[0] if version else "",
-            "git_commit": git("rev-parse", "--short", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--", "rolemesh_node")),
+            **run_meta(self.binary, seconds, ROOT),
             "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(self.args).items() if k != "out"},
             "flags": self.child_flags(),
         }
