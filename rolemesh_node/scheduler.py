@@ -40,7 +40,7 @@ out. The steps, in order (also in ``docs/architecture.md``):
    devices that hold it (remaining × service time ÷ their slots) than a load
    costs on a free device gets that device too (one more per plan). Before
    any request of the model has finished (no service time yet), an empty
-   device loads it when more requests wait than its holders take at once.
+   device loads it when more requests wait than its holders can take now.
 
 Nothing here reads a clock or touches a device; the unit tests and the
 simulator (``bench/simsched.py``) drive it on a ``Clock``.
@@ -326,9 +326,11 @@ class _Planner:
                 expected_wait = self.left(model) * service / sum(d.slots for d in holders)
                 worth = expected_wait > self.cost(model, best)
             else:
-                # nothing measured yet (a cold burst): an empty device loads it too when
-                # more wait than the devices holding it take at once
-                worth = best.phase is Phase.IDLE and self.left(model) > sum(d.capacity for d in holders)
+                # nothing measured yet (a cold burst): an empty device loads it too when more wait
+                # than its holders can take now (a starting one takes its capacity once ready; a
+                # ready one was given what it has room for above)
+                starting = sum(d.capacity for d in holders if d.phase is Phase.STARTING)
+                worth = best.phase is Phase.IDLE and self.left(model) > starting
             if worth:
                 self.claim(best, model, "replica")
 

@@ -165,6 +165,15 @@ def test_a_hot_model_gets_a_replica_when_waiting_costs_more_than_a_load():
     assert names(plan) == [("switch", "cpu:1", "a", "replica")]  # 3 x 1.0 s / 1 slot > 0.5 s load
 
 
+def test_a_cold_burst_spills_onto_an_empty_device_whether_or_not_the_first_is_ready_yet():
+    # nothing measured: one request more than the holder can take now is enough, starting or ready
+    starting = [dev("cpu:0", Phase.STARTING, "a", capacity=1), dev("cpu:1", Phase.IDLE)]
+    assert names(plan_of(1.0, queues(a=[0.1]), starting)) == []
+    assert names(plan_of(1.0, queues(a=[0.1, 0.2]), starting)) == [("switch", "cpu:1", "a", "replica")]
+    ready = [dev("cpu:0", Phase.READY, "a", in_flight=1, capacity=1), dev("cpu:1", Phase.IDLE)]
+    assert names(plan_of(1.0, queues(a=[0.2]), ready)) == [("switch", "cpu:1", "a", "replica")]
+
+
 def test_no_replica_when_waiting_is_cheaper_than_a_load():
     costs = CostBook()
     costs.record_switch("a", "cpu:0", 5.0)
