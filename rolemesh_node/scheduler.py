@@ -329,7 +329,8 @@ class _Planner:
                 # nothing measured yet (a cold burst): an empty device loads it too when more wait
                 # than its holders can take now (a starting one takes its capacity once ready; a
                 # ready one was given what it has room for above)
-                starting = sum(d.capacity for d in holders if d.phase is Phase.STARTING)
+                starting = sum(d.capacity for d in holders
+                               if d.phase is Phase.STARTING or d.device_id in self.claimed)  # loads it now
                 worth = best.phase is Phase.IDLE and self.left(model) > starting
             if worth:
                 self.claim(best, model, "replica")

@@ -226,7 +226,9 @@ def _readable(sock: socket.socket) -> bool:
 @pytest_twisted.ensureDeferred
 async def test_cpu_devices_spread_concurrent_work(node_service, tiny_models, llama_server_bin):
     service = await node_service(proxy_config(tiny_models, cpu_devices=2, max_pending_requests_per_device=1))
-    body = json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": 200}).encode()
+    # Late binding serves a request on whichever device can take it first: each request must last longer
+    # than a load (no early end of sequence), else the first device may serve both, rightly.
+    body = json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": 600, "ignore_eos": True}).encode()
     results = await DeferredList([post(service, "/v1/completions", body) for _ in range(2)], consumeErrors=True)
     devices = set()
     for ok, response in results:

@@ -172,6 +172,11 @@ def test_a_cold_burst_spills_onto_an_empty_device_whether_or_not_the_first_is_re
     assert names(plan_of(1.0, queues(a=[0.1, 0.2]), starting)) == [("switch", "cpu:1", "a", "replica")]
     ready = [dev("cpu:0", Phase.READY, "a", in_flight=1, capacity=1), dev("cpu:1", Phase.IDLE)]
     assert names(plan_of(1.0, queues(a=[0.2]), ready)) == [("switch", "cpu:1", "a", "replica")]
+    # a device this very plan loads counts as starting: one request loads one device, not two
+    idle = [dev("cpu:0", capacity=1), dev("cpu:1", capacity=1)]
+    assert names(plan_of(1.0, queues(a=[0.1]), idle)) == [("switch", "cpu:0", "a", "load")]
+    assert names(plan_of(1.0, queues(a=[0.1, 0.2]), idle)) == [("switch", "cpu:0", "a", "load"),
+                                                               ("switch", "cpu:1", "a", "replica")]
 
 
 def test_no_replica_when_waiting_is_cheaper_than_a_load():
