@@ -373,3 +373,28 @@ def test_a_drain_out_of_time_ends_the_stream_with_an_error_event(tmp_path: Path,
     text = node.text()
     assert "drain_timeout_s ran out with 1 request(s) left" in text
     assert_clean(text)
+
+
+@pytest.mark.llama
+def test_a_model_file_replaced_on_disk_restarts_its_child(tmp_path: Path, free_port: Any,
+                                                          tiny_models: dict[str, Path], llama_server_bin: str) -> None:
+    model = tmp_path / "m.gguf"
+    shutil.copy(tiny_models["tiny-a"], model)
+    node = Node(tmp_path, base_config(tmp_path, free_port(), metrics_interval_s=0.2,
+                                      models={"m": {"path": str(model)}}))
+    try:
+        assert request(node.port, "POST", "/v1/chat/completions", chat("m"))[0] == 200
+        before = node.pid_of("m")
+        assert before
+        staged = tmp_path / "m.gguf.new"
+        shutil.copy(tiny_models["tiny-b"], staged)
+        os.replace(staged, model)  # a new inode under the same name, as a deploy would do it
+        after = wait_until(lambda: (pid := node.pid_of("m")) not in (None, before) and pid, START_S,
+                           "the child to restart on the new file")
+        assert after != before
+        node.wait_log(r"model file\(s\) of m changed on disk", "the log line")
+        assert request(node.port, "POST", "/v1/chat/completions", chat("m"))[0] == 200
+        assert node.stop() == 0
+    finally:
+        node.kill()
+    assert_clean(node.text())
