@@ -1,4 +1,4 @@
-"""The node's own endpoints (Klein): health, readiness, model list, inventory.
+"""The node's own endpoints (Klein): health, readiness, model list, inventory, config reload.
 
 The proxy routes live in :mod:`rolemesh_node.proxy`; the root resource in
 :mod:`rolemesh_node.web` sends everything else here. Unknown paths and wrong
@@ -8,7 +8,7 @@ methods get OpenAI-style JSON errors, like every other error of the node.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from klein import Klein
 from twisted.python.failure import Failure
@@ -29,9 +29,10 @@ def _json(request: Any, doc: Any, status: int = 200) -> bytes:
 class NodeAPI:
     app = Klein()
 
-    def __init__(self, node: Node, metrics: Any = None) -> None:
+    def __init__(self, node: Node, metrics: Any = None, reload: Callable[[], Any] | None = None) -> None:
         self.node = node
         self.metrics = metrics
+        self._reload = reload
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -64,6 +65,16 @@ class NodeAPI:
     def inventory(self, request: Any) -> bytes:
         request.setHeader(b"x-request-id", request_id(request))
         return _json(request, self.node.inventory_json())
+
+    @app.route("/v1/node/reload", methods=["POST"])
+    def reload(self, request: Any) -> bytes:
+        """Read the config file again and apply it (as SIGHUP does): 200 with what changed, or
+        422 with the config error (nothing changed)."""
+        request.setHeader(b"x-request-id", request_id(request))
+        if self._reload is None:
+            return set_error(request, 404, "this node cannot reload its config", "not_found")
+        result = self._reload()
+        return _json(request, result.to_json(), 422 if result.result == "rejected" else 200)
 
     @app.route("/metrics", methods=["GET"])
     def prometheus(self, request: Any) -> bytes:

@@ -1,8 +1,10 @@
-"""``rolemesh-node-agent``: the node in the foreground, logging to stdout.
+"""``rolemesh-node-agent``: the node in the foreground, logging to stdout (or ``--logfile``).
 
 It builds the same service as ``twistd rolemesh-node`` directly (no plugin
 discovery involved), runs the reactor, and stops cleanly on SIGINT/SIGTERM:
-every child is stopped and waited for before the process exits 0.
+it drains, then every child is stopped and waited for before the process exits
+0. SIGHUP reloads the config, SIGUSR1 rotates ``--logfile``
+(:mod:`rolemesh_node.signals`).
 
 Exit codes: 0 after a clean stop, 1 when the port cannot be bound, 2 for a
 bad command line or config (``config error: FILE: key.path: problem``).
@@ -36,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo-dir", metavar="DIR", default="rolemesh-demo",
                         help="where --demo writes its models and config (default: ./rolemesh-demo)")
     parser.add_argument("--port", type=int, default=8088, help="--demo's port (default: 8088)")
+    parser.add_argument("--logfile", metavar="PATH",
+                        help="log to PATH (appended to; SIGUSR1 rotates it) instead of stdout")
     parser.add_argument("--version", action="version", version=f"rolemesh-node {__version__}")
     return parser
 
@@ -65,9 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.internet.error import CannotListenError
     from twisted.logger import globalLogBeginner
 
-    from .logs import level_observer
+    from .logs import level_observer, open_log_file
     from .service import makeService
-    from .signals import install_stop_handlers
+    from .signals import install_signal_handlers
 
     try:
         service = makeService(config, reactor)  # reads the dispatcher token file
@@ -81,10 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         service.stopService()
         return 1
-    globalLogBeginner.beginLoggingTo([level_observer(sys.stdout, config.log_level)], redirectStandardIO=False)
+    log_file = None
+    if args.logfile:
+        try:
+            log_file = open_log_file(args.logfile)
+        except OSError as exc:
+            print(f"error: cannot open --logfile {args.logfile}: {exc.strerror}", file=sys.stderr, flush=True)
+            service.stopService()
+            return 1
+    stream = sys.stdout if log_file is None else log_file
+    globalLogBeginner.beginLoggingTo([level_observer(stream, config.log_level)], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # After Twisted installed its handlers (SIGCHLD is needed to reap children).
-    reactor.callWhenRunning(install_stop_handlers, reactor)
+    reactor.callWhenRunning(install_signal_handlers, reactor, service,
+                            None if log_file is None else log_file.rotate)
     reactor.run()
     return 0
 

@@ -128,6 +128,9 @@ class NodeConfig:
     # busy device switches to it; None derives it from the measured switch cost
     # (scheduler.SwitchPolicy: 5 x the switch, within 1..60 s)
     max_switch_wait_s: float | None = None
+    # stopping: how long requests in flight and waiting may take to finish
+    # before the rest are ended (docs/operations.md, "Stopping")
+    drain_timeout_s: float = 30.0
     # dispatcher
     dispatcher_base_url: str | None = None
     dispatcher_token: str | None = field(default=None, repr=False)
@@ -428,6 +431,7 @@ def _fields(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "max_request_body_bytes": lambda v, p: _int(v, p, lo=1024),
         "request_timeout_s": _positive_float,
         "max_switch_wait_s": _opt_seconds,
+        "drain_timeout_s": _positive_float,
         "dispatcher_base_url": _url,
         "dispatcher_token": _opt_str,
         "dispatcher_token_file": _opt_path(base),

@@ -50,6 +50,17 @@ class NoDevice(Exception):
         return f"no device can serve model {self.model!r}: {why}"
 
 
+class ModelRemoved(Exception):
+    """The model was removed from the config while the request waited: 503 ``model_removed``."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.model = model
+
+    def __str__(self) -> str:
+        return f"model {self.model!r} was removed from this node's config while the request waited"
+
+
 class Rejected(Exception):
     """The model's waiting bound is reached: 429 with ``Retry-After``."""
 
@@ -255,9 +266,11 @@ class Coordinator:
         self._arm(wake_at)
 
     def _resume_drained(self) -> None:
-        """A device that drained for a switch nobody needs any more serves its own model again."""
+        """A device that drained for a switch nobody needs any more serves its own model again
+        (not one that drains for a reload: that one stops or restarts by itself)."""
         for slot in self.slots.values():
-            if slot.phase is Phase.DRAINING and not slot.inflight:
+            if slot.phase is Phase.DRAINING and not slot.inflight and not getattr(slot.state, "forced", False) \
+                    and slot.model in self.models:
                 slot.switch_to(self.models[slot.model])
 
     def _serve(self, decision: Serve) -> None:
@@ -302,6 +315,18 @@ class Coordinator:
 
     def _wake(self) -> None:
         self._timer = None
+        self.pump()
+
+    # ------------------------------------------------------------ reload
+
+    def set_models(self, models: Mapping[str, ModelSpec], policy: SwitchPolicy, max_pending: int) -> None:
+        """A reloaded config: an added model can be asked for at once; the requests waiting for a
+        removed one get :class:`ModelRemoved`. The limits apply to the next request."""
+        self.models = models
+        self.policy = policy
+        self.max_pending = max_pending
+        for model in [m for m in self.queues if m not in models]:
+            self._fail_waiting(model, ModelRemoved(model))
         self.pump()
 
     # ------------------------------------------------------------ stop

@@ -22,6 +22,12 @@ and :meth:`DeviceSlot._enter` is the one place where it changes::
   model that fails ``crash_limit`` times within ``crash_window_s`` is in
   cooldown on this device for ``crash_cooldown_s`` (:mod:`rolemesh_node.crashes`).
 * A model with ``ttl_s`` is stopped after that long without requests.
+* A config reload or a model file changed on disk (:meth:`DeviceSlot.reconcile`):
+  a child whose model was removed stops once its requests in flight are done
+  (``draining`` → ``stopping`` → ``idle``); a *stale* one — its command line or
+  its model file changed since it was spawned — is restarted the same way
+  (``draining`` → ``stopping`` → ``starting``). Such a drain is *forced*: the
+  scheduler cannot take it back, only point it at another model.
 """
 
 from __future__ import annotations
@@ -108,7 +114,11 @@ class Ready:
 class Draining:
     model: str
     child: LlamaServerChild
-    next_model: str
+    #: what follows the drain: a switch to this model; the same model again (a
+    #: restart); None (a removed model: the child stops, the slot is idle)
+    next_model: str | None
+    #: a reload's retire or restart, not a scheduler's switch: never resumed
+    forced: bool = False
     phase = Phase.DRAINING
 
 
@@ -117,6 +127,7 @@ class Stopping:
     model: str
     child: LlamaServerChild
     next_model: str | None  # started once the child has exited
+    restart: bool = False  # a restart of the same model (reconcile): started again from idle
     phase = Phase.STOPPING
 
 
@@ -204,6 +215,7 @@ class DeviceSlot:
         child_factory: Callable[..., LlamaServerChild] = LlamaServerChild,
         port_picker: Callable[[], int] = free_port,
         listeners: list[Callable[[str, dict[str, Any]], None]] | None = None,
+        file_version: Callable[[str], Any] = lambda model: None,
     ) -> None:
         self.device = device
         self._child_factory = child_factory
@@ -213,6 +225,9 @@ class DeviceSlot:
         self.reactor = reactor
         self.http = http
         self._bin_path = bin_path
+        self._file_version = file_version
+        #: the current child's command line and model file version, as spawned (see stale())
+        self._spawned: tuple[list[str], Any] | None = None
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.max_pending = config.max_pending_requests_per_device
         self.capacity = config.max_concurrent_requests_per_device
@@ -315,6 +330,9 @@ class DeviceSlot:
         self.leases.remove(lease)
         self._done_since_grant += 1
         self._mark_running()
+        state = self._state
+        if isinstance(state, Draining) and state.forced and not self.leases:
+            self._finish_drain(state)
         if not self.leases and isinstance(self._state, Ready):
             self.idle_since = self.reactor.seconds()
         held = None if lease.running_at is None else self.reactor.seconds() - lease.running_at
@@ -332,6 +350,10 @@ class DeviceSlot:
     def switch_to(self, model: ModelSpec) -> None:
         """Serve ``model``: at once when free; after the work in flight when busy (draining)."""
         state = self._state
+        if isinstance(state, Draining) and state.forced:
+            if model.name != state.model:
+                state.next_model = model.name  # after the drain: that model instead
+            return
         if isinstance(state, (Ready, Draining)):
             if state.model == model.name:
                 if isinstance(state, Draining):
@@ -384,6 +406,14 @@ class DeviceSlot:
             self._enter(Idle())
             self._fire_waiters(model.name, Failure(ChildStartError(self.id, model.name, "the agent is stopping")))
             return
+        spec = self.config.models.get(model.name)
+        if spec is None:  # removed by a reload while the old child stopped
+            if not isinstance(self._state, Idle):
+                self._enter(Idle())
+            self._emit("stopped", model=model.name)
+            self._fire_waiters(model.name, Failure(ChildStartError(self.id, model.name, "the model was removed")))
+            return
+        model = spec  # as the config has it now
         if self.last_child is not None and self.last_child.model != model.name:
             self.switches += 1
         error: ChildStartError | None = None
@@ -413,7 +443,9 @@ class DeviceSlot:
                 self._enter(Ready(model.name, child))
                 self._emit("ready", model=model.name, seconds=now - spawn_at, switch_s=self.last_switch_s)
                 self._fire_waiters(model.name, child)
-                if not self.leases:
+                if model.name not in self.config.models:
+                    self.reconcile()  # removed while it started
+                elif not self.leases:
                     self._schedule_idle()
                 return
         assert error is not None
@@ -429,15 +461,16 @@ class DeviceSlot:
             bin_path = self._bin_path()
         except Exception as exc:
             raise ChildStartError(self.id, model.name, str(exc)) from exc
+        argv = child_argv(bin_path, model, port, self.config, self.backend, self.device)
         child = self._child_factory(
-            reactor=self.reactor, http=self.http, device_id=self.id, model=model.name,
-            argv=child_argv(bin_path, model, port, self.config, self.backend, self.device),
+            reactor=self.reactor, http=self.http, device_id=self.id, model=model.name, argv=argv,
             env=self.backend.child_env(self.device, self.base_env), port=port,
             probe_interval_s=self.config.llama_server_probe_interval_s,
             startup_timeout_s=self.config.llama_server_startup_timeout_s,
             on_exit=self._child_exited, log_output=self.config.log_level == "debug")
         assert isinstance(self._state, Starting)
         self._state.child = child
+        self._spawned = (argv, self._file_version(model.name))
         self.last_child = child
         self.starts += 1
         self._emit("start", model=model.name)
@@ -488,6 +521,9 @@ class DeviceSlot:
         state = self._state
         if getattr(state, "child", None) is not child:
             return
+        if isinstance(state, Stopping) and state.restart:
+            self._restart_stopped(state)
+            return
         if isinstance(state, Stopping) and state.next_model is None:
             self._enter(Idle())
             self._emit("stopped", model=child.model)
@@ -527,10 +563,11 @@ class DeviceSlot:
         if not isinstance(state, Ready):
             return
         spec = self.config.models.get(state.model)
+        self._cancel_idle()
         if spec is None or spec.ttl_s is None:
             return
-        self._cancel_idle()
-        self._idle_call = self.reactor.callLater(spec.ttl_s, self._idle_unload)
+        idle_for = 0.0 if self.idle_since is None else self.reactor.seconds() - self.idle_since
+        self._idle_call = self.reactor.callLater(max(0.0, spec.ttl_s - idle_for), self._idle_unload)
 
     def _cancel_idle(self) -> None:
         if self._idle_call is not None and self._idle_call.active():
@@ -547,6 +584,102 @@ class DeviceSlot:
         self._enter(Stopping(state.model, state.child, None))
         state.child.stop(self.config.llama_server_stop_grace_s).addErrback(
             lambda f: log.failure("device {device}: idle stop failed", f, device=self.id))
+
+    # ----------------------------------------------------------- reload
+
+    def apply_config(self, config: NodeConfig) -> None:
+        """A reloaded config: limits apply to the next grant and the next spawn, ``ttl_s``
+        at once. The child itself is left alone: see :meth:`reconcile`."""
+        self.config = config
+        self.max_pending = config.max_pending_requests_per_device
+        self.capacity = config.max_concurrent_requests_per_device
+        self.crashes.limit = config.crash_limit
+        self.crashes.window_s = config.crash_window_s
+        self.crashes.cooldown_s = config.crash_cooldown_s
+        if isinstance(self._state, Ready) and not self.leases:
+            self._schedule_idle()
+        elif not isinstance(self._state, Ready):
+            self._cancel_idle()
+
+    def stale(self) -> bool:
+        """Whether the child is out of line with the config: its model was removed, or its
+        command line (``path``, ``args``, ``ctx_size``, ``embedding``, the child settings) or
+        its model file changed since it was spawned."""
+        child = self.child
+        if child is None or self._spawned is None:
+            return False
+        spec = self.config.models.get(child.model)
+        if spec is None:
+            return True
+        argv, version = self._spawned
+        try:
+            bin_path = self._bin_path()
+        except Exception:
+            return False  # no binary to restart it with: keep it (the node reports the binary missing)
+        return (argv != child_argv(bin_path, spec, child.port, self.config, self.backend, self.device)
+                or version != self._file_version(spec.name))
+
+    @property
+    def restarting(self) -> bool:
+        """Draining or stopping for a restart of its own model (see :meth:`reconcile`)."""
+        state = self._state
+        if isinstance(state, Draining):
+            return state.forced and state.next_model == state.model
+        return isinstance(state, Stopping) and state.restart
+
+    def reconcile(self, restart: bool = True) -> None:
+        """Bring the child in line with the config. A child whose model was removed stops once
+        its requests in flight are done; with ``restart``, a :meth:`stale` one is restarted then.
+        A child in line with the config is untouched."""
+        if self._stopping_all:
+            return
+        state = self._state
+        if isinstance(state, Draining):
+            if state.next_model is not None and state.next_model not in self.config.models:
+                state.next_model, state.forced = None, True
+            if state.model not in self.config.models:
+                state.forced = True  # nothing to resume
+            if state.forced and not self.leases:
+                self._finish_drain(state)
+            return
+        if not isinstance(state, Ready) or not self.stale():
+            return
+        removed = state.model not in self.config.models
+        if not (removed or restart):
+            return
+        next_model = None if removed else state.model
+        if self.leases:
+            log.info("device {device}: {model} {what} once its {count} request(s) in flight are done",
+                     device=self.id, model=state.model, count=len(self.leases),
+                     what="stops (removed)" if removed else "restarts (changed)")
+            self._enter(Draining(state.model, state.child, next_model, forced=True))
+        else:
+            self._stop_for_reload(state.model, state.child, next_model)
+
+    def _finish_drain(self, state: Draining) -> None:
+        """A forced drain is done: stop (removed), restart (changed), or switch (the scheduler's choice since)."""
+        if state.next_model is None or state.next_model == state.model:
+            self._stop_for_reload(state.model, state.child, state.next_model)
+        else:
+            self._switch(self.config.models[state.next_model]).addErrback(self._switch_crashed, state.next_model)
+
+    def _stop_for_reload(self, model: str, child: LlamaServerChild, next_model: str | None) -> None:
+        log.info("device {device}: {what} {model} (pid {pid})", device=self.id, model=model, pid=child.pid,
+                 what="stopping removed model" if next_model is None else "restarting changed model")
+        self._enter(Stopping(model, child, next_model, restart=next_model is not None))
+        child.stop(self.config.llama_server_stop_grace_s).addErrback(
+            lambda f: log.failure("device {device}: stopping the child failed", f, device=self.id))
+
+    def _restart_stopped(self, state: Stopping) -> None:
+        """The child of a restart has exited: start its model again, as the config has it now."""
+        self._enter(Idle())
+        spec = self.config.models.get(state.model)
+        if spec is None or self._stopping_all:
+            self._emit("stopped", model=state.model)
+            if self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        self.switch_to(spec)
 
     # -------------------------------------------------------------- stop
 

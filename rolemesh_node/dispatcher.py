@@ -10,7 +10,9 @@ webhooks, in ``docs/openapi.yaml``. In short::
                  │ 404 / 410: the dispatcher forgot us → register again
                  │ devices changed (discovery finished) → register again
                  ▼
-    stop ───► POST /v1/nodes/deregister    best effort, bounded by DEREGISTER_TIMEOUT_S
+    drain ──► POST /v1/nodes/deregister    reason "draining" (or "shutdown" with nothing in flight),
+              best effort, bounded by DEREGISTER_TIMEOUT_S; heartbeats stop first
+    reload ─► register again when the URL, token, node id, advertised URL or models changed
 
 :class:`DispatcherLink` is a small explicit state machine::
 
@@ -78,6 +80,9 @@ NODE_ENDPOINTS: tuple[str, ...] = (
 
 #: stop never waits longer than this for the deregistration
 DEREGISTER_TIMEOUT_S = 2.0
+#: why a node deregisters: it stops with nothing in flight, or it drains (stops taking requests, finishes
+#: the ones it has within drain_timeout_s, then stops)
+DEREGISTER_REASONS = ("shutdown", "draining")
 #: a heartbeat waits at most this long for a fresh metrics sample
 METRICS_WAIT_S = 1.0
 #: registration retries: 1 s, 2 s, 4 s … up to 60 s, each minus up to half at random
@@ -387,6 +392,7 @@ class DispatcherLink(Service):
         self._loop: LoopingCall | None = None
         self._inflight: Deferred[Any] | None = None
         self._metrics_pending: Deferred[Any] | None = None
+        self._leaving: Deferred[Any] | None = None  # the deregistration sent by leave()
 
         if self._token is not None and self.base_url.startswith("http://") and not _is_loopback_url(self.base_url):
             log.warn("the dispatcher token is sent over plain http to {dispatcher}; use https",
@@ -409,19 +415,33 @@ class DispatcherLink(Service):
     def startService(self) -> None:
         super().startService()
         self.state = LinkState.UNREGISTERED
+        self._leaving = None
         self._register_attempt = 0
         log.info("registering node {node_id} with the dispatcher at {dispatcher}",
                  node_id=self.node.node_id, dispatcher=redact_url(self.base_url))
         self._register()
 
     def stopService(self) -> Deferred[None]:
-        """Stop heartbeats, cancel the call in flight, deregister (bounded).
+        """Stop heartbeats, cancel the call in flight, deregister (bounded) — or, after
+        :meth:`leave`, wait for its deregistration.
 
         The returned Deferred always succeeds, within about
         ``min(DEREGISTER_TIMEOUT_S, dispatcher_timeout_s)`` seconds.
         """
-        was = self.state
+        d = self.leave("shutdown")
         super().stopService()
+        return d
+
+    def leave(self, reason: str) -> Deferred[None]:
+        """Stop heartbeats and registering, cancel the call in flight, deregister with
+        ``reason`` (bounded); the link sends nothing more until it is started again.
+        Called by the drain first thing, then by :meth:`stopService` (which then only waits)."""
+        if self._leaving is None:
+            self._leaving = self._deregister(reason)
+        return _when_fired(self._leaving)
+
+    def _deregister(self, reason: str) -> Deferred[None]:
+        was = self.state
         self.state = LinkState.STOPPED
         self._cancel_retry()
         self._stop_loop()
@@ -431,10 +451,48 @@ class DispatcherLink(Service):
         if was not in (LinkState.REGISTERED, LinkState.REGISTERING):
             return succeed(None)
         limit = min(DEREGISTER_TIMEOUT_S, self.timeout)
-        d = self._call(DEREGISTER_PATH, lambda: deregister_payload(self.node, self.wallclock()), limit)
+        d = self._call(DEREGISTER_PATH, lambda: deregister_payload(self.node, self.wallclock(), reason), limit)
         d.addCallbacks(self._deregistered, self._deregister_failed, errbackArgs=(limit,))
         d.addErrback(self._bug, "deregistration")
         return d
+
+    @property
+    def _active(self) -> bool:
+        return self.running and self._leaving is None
+
+    def reconfigure(self, config: NodeConfig, advertise_url: str | Callable[[], str], register_again: bool) -> None:
+        """A reloaded config: new settings at once; with ``register_again`` (its URL, token,
+        node id, advertised URL or models changed) a new registration now."""
+        if not config.dispatcher_base_url:
+            raise ValueError("DispatcherLink needs config.dispatcher_base_url")
+        token = read_token(config)
+        old_token = None if self._token is None else self._token.reveal()
+        register_again = register_again or token != old_token  # a token file's content may have changed
+        self.config = config
+        self.base_url = config.dispatcher_base_url.rstrip("/")
+        self._advertise_url = advertise_url
+        self._token = None if token is None else _Secret(token)
+        self.timeout = config.dispatcher_timeout_s
+        interval_changed = config.heartbeat_interval_s != self.interval
+        if interval_changed:
+            self.interval = config.heartbeat_interval_s
+            self.heartbeat_backoff = Backoff(base=self.interval, factor=2.0, cap=max(60.0, self.interval),
+                                             jitter=0.25)
+        if not self._active:
+            return
+        if register_again:
+            log.info("registering again with the dispatcher at {dispatcher}: the config was reloaded",
+                     dispatcher=redact_url(self.base_url))
+            self._stop_loop()
+            self._cancel_retry()
+            self.state = LinkState.UNREGISTERED
+            if self._inflight is not None:
+                inflight, self._inflight = self._inflight, None
+                inflight.cancel()
+            self._register_attempt = 0
+            self._register()
+        elif interval_changed and self.state is LinkState.REGISTERED:
+            self._start_loop(now=False)
 
     # --------------------------------------------------------- registration
 
@@ -454,7 +512,7 @@ class DispatcherLink(Service):
         return register_payload(self.node, self.config, self.advertise_url)
 
     def _registered(self, _body: bytes) -> None:
-        if not self.running:
+        if not self._active:
             return
         failures = self._register_failures.succeeded()
         self._register_attempt = 0
@@ -469,8 +527,8 @@ class DispatcherLink(Service):
         self._start_loop()
 
     def _register_failed(self, failure: Failure) -> None:
-        if not self.running:
-            return  # cancelled by stopService
+        if not self._active or failure.check(CancelledError):
+            return  # cancelled by stopService, leave() or reconfigure()
         self.counts["register_failed"] += 1
         self.state = LinkState.UNREGISTERED
         delay = self.register_backoff.delay(self._register_attempt)
@@ -505,7 +563,7 @@ class DispatcherLink(Service):
 
     # ------------------------------------------------------------ heartbeat
 
-    def _start_loop(self) -> None:
+    def _start_loop(self, now: bool = True) -> None:
         self._stop_loop()
         self._heartbeat_failures.succeeded()
         self._skip_beats = 0
@@ -513,7 +571,7 @@ class DispatcherLink(Service):
         loop = LoopingCall(self._beat)
         loop.clock = self.reactor
         self._loop = loop
-        done = loop.start(self.interval, now=True)
+        done = loop.start(self.interval, now=now)
         done.addErrback(self._bug, "the heartbeat loop")
 
     def _stop_loop(self) -> None:
@@ -523,7 +581,7 @@ class DispatcherLink(Service):
 
     def _beat(self) -> Deferred[None] | None:
         """One heartbeat tick: never fails; its Deferred fires when the call is done."""
-        if not self.running or self.state is not LinkState.REGISTERED:
+        if not self._active or self.state is not LinkState.REGISTERED:
             return None
         if self._skip_beats > 0:
             self._skip_beats -= 1
@@ -552,8 +610,8 @@ class DispatcherLink(Service):
             log.info("heartbeats to the dispatcher work again after {failures} failures", failures=failures)
 
     def _beat_failed(self, failure: Failure) -> None:
-        if not self.running:
-            return  # cancelled by stopService
+        if not self._active or failure.check(CancelledError):
+            return  # cancelled by stopService, leave() or reconfigure()
         self.counts["heartbeat_failed"] += 1
         if failure.check(DispatcherError) and failure.value.forgotten:
             self._forget(f"it answered a heartbeat with HTTP {failure.value.status}")
@@ -661,6 +719,18 @@ class DispatcherLink(Service):
         if failure.check(CancelledError):
             return
         log.failure("dispatcher link: unexpected error in {what}", failure, what=what)
+
+
+def _when_fired(d: Deferred[Any]) -> Deferred[None]:
+    """A new Deferred that fires (with None) when ``d`` has, leaving ``d``'s own result alone."""
+    out: Deferred[None] = Deferred()
+
+    def fire(result: Any) -> Any:
+        out.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return out
 
 
 def _is_loopback_url(url: str) -> bool:

@@ -30,7 +30,6 @@ class NodeMetrics:
         self.node = node
         self.dispatcher = dispatcher
         self.registry = CollectorRegistry(auto_describe=True)
-        self._models = frozenset(node.config.models)
         self.requests = Counter("rolemesh_requests", "HTTP requests answered, by route, model and status",
                                 ["route", "model", "status"], registry=self.registry)
         self.latency = Histogram("rolemesh_request_duration_seconds",
@@ -54,10 +53,12 @@ class NodeMetrics:
                                 "Model switches the scheduler decided, by device, model switched to and reason "
                                 "(load, overdue, replica, drained, resume)",
                                 ["device", "model", "reason"], registry=self.registry)
+        self.reloads = Counter("rolemesh_config_reloads", "Config reloads (SIGHUP, POST /v1/node/reload), by "
+                               "result: applied, unchanged, rejected", ["result"], registry=self.registry)
         self.registry.register(_StateCollector(self))
 
     def model_label(self, name: Any) -> str:
-        return name if isinstance(name, str) and name in self._models else "-"
+        return name if isinstance(name, str) and name in self.node.config.models else "-"
 
     def request_done(self, route: str, model: Any, status: int, seconds: float) -> None:
         label = self.model_label(model)

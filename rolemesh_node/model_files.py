@@ -10,25 +10,99 @@ how big is it, for placement?), so :class:`ModelFiles` keeps the last answer:
   is started for it: the device slot checks the file itself then;
 * a file seen **missing** is looked at again on every ask, so a model copied
   in is served at once.
+
+It also notices a file **replaced on disk** (another inode, size or mtime):
+:meth:`version` changes once the new file has stayed the same for
+:data:`STABLE_TICKS` refreshes after the change, so a copy still in progress is
+not taken for a new model. A child spawned with an older version is stale and
+is restarted (:meth:`rolemesh_node.device_slot.DeviceSlot.stale`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 from .config import ModelSpec
 
+#: refreshes a changed file must stay unchanged before it counts as a new version
+STABLE_TICKS = 2
+
+Signature = tuple[int, int, int, int] | None  # (device, inode, size, mtime in ns); None: no file
+
+
+def signature(spec: ModelSpec) -> Signature:
+    try:
+        st = os.stat(spec.path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _Watch:
+    """One model file: the signature its version stands for, and a change being watched."""
+
+    __slots__ = ("confirmed", "seen", "ticks", "version")
+
+    def __init__(self, sig: Signature) -> None:
+        self.confirmed = sig
+        self.seen = sig
+        self.ticks = 0
+        self.version = 0
+
+    def tick(self, sig: Signature) -> bool:
+        """One refresh saw ``sig``; True when that makes a new version."""
+        if sig != self.seen:
+            self.seen, self.ticks = sig, 0
+            return False
+        if sig == self.confirmed:
+            return False
+        self.ticks += 1
+        if self.ticks < STABLE_TICKS:
+            return False
+        self.confirmed, self.ticks = sig, 0
+        self.version += 1
+        return True
+
 
 class ModelFiles:
     def __init__(self, specs: Iterable[ModelSpec]) -> None:
-        self._specs = list(specs)
+        self._specs: list[ModelSpec] = []
         self._seen: dict[str, tuple[bool, int | None]] = {}
-        self.refresh()
+        self._watch: dict[str, _Watch] = {}
+        self.set_specs(specs)
 
-    def refresh(self) -> None:
-        """Look at every model's file again."""
+    def set_specs(self, specs: Iterable[ModelSpec]) -> None:
+        """The models of a (reloaded) config; a model whose path changed is looked at afresh."""
+        old = {spec.name: spec for spec in self._specs}
+        self._specs = list(specs)
+        for spec in self._specs:
+            before = old.get(spec.name)
+            if before is None or before.path != spec.path:
+                self._seen.pop(spec.name, None)
+                self._watch[spec.name] = _Watch(signature(spec))
+        names = {spec.name for spec in self._specs}
+        for name in list(self._watch):
+            if name not in names:
+                del self._watch[name]
+                self._seen.pop(name, None)
         for spec in self._specs:
             self.check(spec)
+
+    def refresh(self) -> list[str]:
+        """Look at every model's file again; returns the models whose file became a new version."""
+        changed = []
+        for spec in self._specs:
+            self.check(spec)
+            watch = self._watch.get(spec.name)
+            if watch is not None and watch.tick(signature(spec)):
+                changed.append(spec.name)
+        return changed
+
+    def version(self, name: str) -> int:
+        """How many times the model's file was replaced since it was configured."""
+        watch = self._watch.get(name)
+        return 0 if watch is None else watch.version
 
     def check(self, spec: ModelSpec) -> tuple[bool, int | None]:
         """Look at ``spec``'s file now and remember the answer."""

@@ -37,7 +37,7 @@ class Serving:
     """Whether the node serves requests now, and if not, why (``GET /ready``).
 
     ``status`` is ``ready`` or a word for the reason: ``starting``,
-    ``no_devices``, ``no_llama_server``, ``stopping``. ``reason`` is for
+    ``no_devices``, ``no_llama_server``, ``draining``, ``stopping``. ``reason`` is for
     people; it names no path or secret (``/ready`` is unauthenticated)."""
 
     ready: bool
@@ -70,6 +70,8 @@ class Node:
         self.metrics: dict[str, DeviceMetrics] = {}
         self.discovered = False
         self.stopping = False
+        #: set while the node drains before stopping (rolemesh_node.drain): new requests get 503
+        self.draining: Any = None
         self.bin_error: str | None = None
         self._bin: str | None = None
         self._discovery: Deferred[Any] | None = None
@@ -80,7 +82,9 @@ class Node:
             max_pending=config.max_pending_requests_per_device, slots=self.slots, snapshots=self.snapshots,
             sizes=self.sizes, costs=self.costs)
         #: heard by every slot, also those made later (metrics add theirs before discovery ends)
-        self.slot_listeners: list[Callable[[str, dict[str, Any]], None]] = [self.coordinator.slot_event]
+        self.slot_listeners: list[Callable[[str, dict[str, Any]], None]] = [self.coordinator.slot_event,
+                                                                            self._rollout_event]
+        self._rollout_pending = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -103,7 +107,7 @@ class Node:
         for device in devices:
             self.slots[device.id] = DeviceSlot(
                 device=device, backend=backend, config=self.config, reactor=self.reactor, http=self.http,
-                bin_path=self.bin_path, listeners=self.slot_listeners)
+                bin_path=self.bin_path, listeners=self.slot_listeners, file_version=self.files.version)
         self.discovered = True
         if not devices:
             log.error("no devices found for backend {backend}; nothing can be served", backend=backend.name)
@@ -119,8 +123,12 @@ class Node:
     @inlineCallbacks
     def refresh_metrics(self) -> Any:
         """Sample every device once (never fails; a failed sample keeps the last one);
-        look at the model files again."""
-        self.files.refresh()
+        look at the model files again (a file replaced on disk restarts its children)."""
+        changed = self.files.refresh()
+        if changed:
+            log.info("model file(s) of {models} changed on disk; their children restart once their requests in "
+                     "flight are done", models=", ".join(changed))
+            self.roll_out()
         if self.backend is None or not self.devices:
             return
         try:
@@ -143,6 +151,8 @@ class Node:
         ``/ready``: a new reason not to serve (draining…) is one more check here."""
         if self.stopping:
             return Serving(False, "stopping", "the node is stopping")
+        if self.draining is not None:
+            return Serving(False, "draining", "the node is draining before it stops")
         if not self.discovered:
             return Serving(False, "starting", "device discovery has not finished")
         if not self.devices:
@@ -153,6 +163,54 @@ class Node:
             except LlamaServerNotFound:
                 return Serving(False, "no_llama_server", "llama-server was not found (see /v1/node/inventory)")
         return Serving(True, "ready")
+
+    # ------------------------------------------------------------ reload
+
+    def apply_config(self, config: NodeConfig) -> None:
+        """Serve ``config`` from now on (a reload; the caller chose which keys may change).
+
+        Added models can be asked for at once; requests waiting for a removed one get 503
+        ``model_removed`` and its children stop once their requests in flight are done; limits
+        apply to new requests. Children whose command line changed (model settings, the child
+        settings) restart after their requests in flight, one device at a time
+        (:meth:`roll_out`); every other child is left alone."""
+        old = self.config
+        self.config = config
+        if config.llama_server_bin != old.llama_server_bin:
+            self._bin = None  # looked up again (the reload checked that it is found)
+            try:
+                self.bin_path()
+            except LlamaServerNotFound as exc:
+                self.bin_error = str(exc)
+        self.files.set_specs(config.models.values())
+        self.coordinator.set_models(config.models, SwitchPolicy(config.max_switch_wait_s),
+                                    config.max_pending_requests_per_device)
+        for slot in self.slots.values():
+            slot.apply_config(config)
+            slot.reconcile(restart=False)  # removed models: all at once
+        self.roll_out()
+
+    def roll_out(self) -> None:
+        """Restart the stale children (:meth:`DeviceSlot.stale`), one device at a time."""
+        self._rollout_pending = True
+        self._roll()
+
+    def _rollout_event(self, event: str, fields: dict[str, Any]) -> None:
+        if self._rollout_pending and event in ("ready", "failed", "crash", "stopped"):
+            self._roll()
+
+    def _roll(self) -> None:
+        if self.stopping or self.draining is not None:
+            return
+        slots = list(self.slots.values())
+        if any(slot.restarting or slot.phase is Phase.STARTING for slot in slots):
+            return  # one at a time: the next once this one is ready again (or failed)
+        for slot in slots:
+            if slot.stale():
+                slot.reconcile()
+                if slot.restarting:
+                    return
+        self._rollout_pending = any(slot.stale() for slot in slots)
 
     # ------------------------------------------------------------ scheduling
 

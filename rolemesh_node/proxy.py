@@ -25,7 +25,11 @@ Per request (:class:`_Exchange`):
    computes it to the end anyway, so its place is held until the answer
    comes (and is dropped);
 5. an upstream that fails mid-body ends an SSE stream with an error event,
-   or aborts a plain response (its length can no longer be honoured).
+   or aborts a plain response (its length can no longer be honoured);
+6. while the node drains before stopping (:mod:`rolemesh_node.drain`), new
+   requests get 503 ``node_draining`` with ``Retry-After``; the exchanges still
+   live (:attr:`ProxyResource.live`) end by themselves or, at the drain's
+   deadline, by :meth:`ProxyResource.end_for_drain`.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .coordinator import NoDevice, Rejected
+from .coordinator import ModelRemoved, NoDevice, Rejected
 from .errors import error_body, set_error
 from .llama_server import ChildStartError
 from .node import Node, NotReady
@@ -120,9 +124,21 @@ class ProxyResource:
         self.agent = agent
         self.stream_agent = stream_agent if stream_agent is not None else agent
         self.reactor = reactor
-        self.config = node.config
         self.metrics: Any = None  # a NodeMetrics, when metrics are on
         self._clock = perf_counter
+        #: the exchanges not yet over (waiting, sent, relaying): what a drain waits for
+        self.live: set[_Exchange] = set()
+
+    @property
+    def config(self) -> Any:
+        return self.node.config  # the current one: a reload replaces it
+
+    def end_for_drain(self) -> int:
+        """The drain ran out of time: end every live exchange (see ``_Exchange.end_for_drain``)."""
+        live = list(self.live)
+        for exchange in live:
+            exchange.end_for_drain()
+        return len(live)
 
     def render(self, request: Any) -> Any:
         started = self._clock()
@@ -136,6 +152,9 @@ class ProxyResource:
     def _render(self, request: Any, started: float) -> Any:
         rid = request_id(request)
         request.setHeader(b"x-request-id", rid)
+        if self.node.draining is not None:
+            return set_error(request, 503, "this node is draining before it stops; send the request to another "
+                             "node", "node_draining", headers={"Retry-After": str(self.node.draining.retry_after_s())})
         if request.method != b"POST":
             return set_error(request, 405, f"{request.method.decode('latin-1')} is not allowed here; use POST",
                              "method_not_allowed", headers={"Allow": "POST"})
@@ -238,6 +257,7 @@ class _Exchange:
         self.comment_timer: Any = None
 
     def begin(self) -> None:
+        self.proxy.live.add(self)
         self.request.notifyFinish().addErrback(self._client_lost)
         self.pending = self.ticket.d
         if self.stream and not self.pending.called:
@@ -277,6 +297,8 @@ class _Exchange:
             return
         if failure.check(NoDevice):
             self._error(503, str(failure.value), "no_device")
+        elif failure.check(ModelRemoved):
+            self._error(503, str(failure.value), "model_removed")
         elif failure.check(ChildStartError):
             spec = self.proxy.config.models[self.model]
             if not self.proxy.node.files.check(spec)[0]:  # gone since the last look: say so from now on
@@ -418,6 +440,37 @@ class _Exchange:
         elif self.upstream is not None:
             self.upstream.stopProducing()
 
+    def end_for_drain(self) -> None:
+        """End this request now, the node's drain having run out of time, so that its client can
+        tell: a stream gets an SSE error event and its terminating chunk; a request whose answer
+        has not begun gets a 503 JSON error; a plain answer already begun is cut off. Then
+        whatever is pending is cancelled and the place released, as for a client that left."""
+        if self.finished or self.client_gone:
+            return
+        message = "the node stopped before the request was done (drain_timeout_s ran out)"
+        request = self.request
+        if self.upstream is not None:
+            request.unregisterProducer()  # the relay is the producer of a body being relayed
+        if not request.startedWriting:
+            self._error(503, message, "node_stopping")
+        elif self.stream:
+            request.write(b"data: " + error_body(503, message, "node_stopping") + b"\n\n")
+            self._finish()
+        else:
+            self.finished = True
+            request.loseConnection()
+        self._count()  # with its status, before it counts as gone (499)
+        self.client_gone = True  # nobody to answer any more: cancel and release the rest
+        self._stop_comments()
+        self._cancel_timer()
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+        if self.upstream is not None:
+            self.upstream.stopProducing()
+        if self.lease is not None:
+            self._release()
+
     # --------------------------------------------------------------- helpers
 
     def _unresponsive(self) -> None:
@@ -437,6 +490,7 @@ class _Exchange:
         self._count()
 
     def _count(self) -> None:
+        self.proxy.live.discard(self)
         metrics = self.proxy.metrics
         if metrics is not None and not self.counted:
             self.counted = True

@@ -14,6 +14,12 @@ The access log (:mod:`rolemesh_node.accesslog`, when ``access_log`` is on and
 ``log_level`` shows info lines) starts batching before them and is flushed
 after all of them have stopped, so the last requests' lines are written too.
 
+Stopping begins with a drain (:mod:`rolemesh_node.drain`): the dispatcher is
+told, new requests get 503, the requests in flight and waiting are served up to
+``drain_timeout_s``; only then do the services above stop.
+:meth:`NodeService.reload` (SIGHUP, ``POST /v1/node/reload``) applies a changed
+config file (:mod:`rolemesh_node.reload`).
+
 Only :func:`makeService` touches the global reactor; everything below takes
 it as an argument.
 """
@@ -35,13 +41,15 @@ from zope.interface import implementer
 from .accesslog import AccessLog, shows_access_lines
 from .api import NodeAPI
 from .auth import load_api_keys
-from .config import NodeConfig
+from .config import ConfigError, NodeConfig
 from .dispatcher import DispatcherLink, default_advertise_url
+from .drain import Drain
 from .hosts import is_loopback_host
 from .identity import node_id as resolve_node_id
 from .metrics import NodeMetrics
 from .node import Node
 from .proxy import ROUTES, ProxyResource
+from .reload import ConfigStore, ReloadResult, diff, effective, rejected_line
 from .web import RootResource, make_site
 
 log = Logger()
@@ -111,6 +119,14 @@ class NodeRuntime(Service):
             self._metrics_done = self._metrics.start(self.node.config.metrics_interval_s, now=False)
             self._metrics_done.addErrback(lambda f: log.failure("metrics loop stopped", f))
 
+    def set_interval(self, seconds: float) -> None:
+        """A reloaded ``metrics_interval_s``: a new loop (the old one may still wait on its sample)."""
+        if self._metrics.running:
+            self._metrics.stop()
+            self._metrics = LoopingCall(self.node.refresh_metrics)
+            self._metrics.clock = self.reactor
+            self._start_metrics(None)
+
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         if self._metrics.running:
@@ -160,6 +176,7 @@ class NodeService(MultiService):
     def __init__(self, config: NodeConfig, reactor: Any) -> None:
         super().__init__()
         self.config = config
+        self.store = ConfigStore(config)
         self.reactor = reactor
         self.pool = make_pool(reactor, config)
         endpoints = LoopbackEndpoints(reactor)
@@ -182,9 +199,9 @@ class NodeService(MultiService):
         self.proxy.metrics = self.metrics
         self.node.slot_listeners.append(self.metrics.slot_event)
         self.node.coordinator.listeners.append(self.metrics.switch_event)
-        self.api = NodeAPI(self.node, self.metrics)
-        root = RootResource(self.proxy, ROUTES, self.api.resource(), keys=self.keys,
-                            on_denied=lambda request: self.metrics.auth_failures.inc())
+        self.api = NodeAPI(self.node, self.metrics, reload=self.reload)
+        self.root = root = RootResource(self.proxy, ROUTES, self.api.resource(), keys=self.keys,
+                                        on_denied=lambda request: self.metrics.auth_failures.inc())
         self.access_log = AccessLog(reactor) if shows_access_lines(config.access_log, config.log_level) else None
         self.site = make_site(root, max_body_bytes=config.max_request_body_bytes,
                               max_connections=config.max_client_connections,
@@ -196,13 +213,20 @@ class NodeService(MultiService):
         self.listener.setServiceParent(self)
         self.dispatcher: DispatcherLink | None = None
         if config.dispatcher_base_url:
-            # Looked up once, here, before the reactor runs (it may resolve the host name).
-            fixed = default_advertise_url(config) if config.listen_port else None
-            self.dispatcher = DispatcherLink(
-                reactor=reactor, http=self.http, node=self.node, config=config,
-                advertise_url=fixed or (lambda: default_advertise_url(config, port=self.port)))
-            self.dispatcher.setServiceParent(self)
-            self.metrics.dispatcher = self.dispatcher
+            self._link(config)
+        self.drain = Drain(reactor, lambda: self.node.config.drain_timeout_s, in_flight=lambda: len(self.proxy.live),
+                           end_all=self.proxy.end_for_drain, announce=self._announce)
+
+    def _advertise_url(self, config: NodeConfig) -> Any:
+        # Looked up once, before the reactor runs at start (it may resolve the host name).
+        fixed = default_advertise_url(config) if config.listen_port else None
+        return fixed or (lambda: default_advertise_url(config, port=self.port))
+
+    def _link(self, config: NodeConfig) -> None:
+        self.dispatcher = DispatcherLink(reactor=self.reactor, http=self.http, node=self.node, config=config,
+                                         advertise_url=self._advertise_url(config))
+        self.dispatcher.setServiceParent(self)
+        self.metrics.dispatcher = self.dispatcher
 
     @property
     def port(self) -> int:
@@ -214,11 +238,13 @@ class NodeService(MultiService):
         super().startService()
 
     def stopService(self) -> Deferred[Any]:
-        """Stop every child service; then close the pooled connections, which
-        the children (the dispatcher's last deregister included) no longer use;
-        then write what the access log still holds (a line of a request that
-        ends even later is written at once)."""
-        d = super().stopService()
+        """Drain (:mod:`rolemesh_node.drain`); then stop every child service; then
+        close the pooled connections, which the children (the dispatcher's last
+        deregister included) no longer use; then write what the access log still
+        holds (a line of a request that ends even later is written at once)."""
+        self.node.draining = self.drain
+        d = self.drain.start()
+        d.addCallback(lambda _: MultiService.stopService(self))
 
         def close_pool(result: Any) -> Deferred[Any]:
             return self.pool.closeCachedConnections().addBoth(lambda _: result)
@@ -229,6 +255,79 @@ class NodeService(MultiService):
             return result
 
         return d.addBoth(close_pool).addBoth(flush_access_log)
+
+    def hurry(self) -> None:
+        """A second SIGTERM: end the drain now."""
+        self.drain.hurry()
+
+    def _announce(self, reason: str) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.leave(reason)
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> ReloadResult:
+        """Read the config file again and apply what changed (SIGHUP, ``POST /v1/node/reload``).
+        An invalid file changes nothing (one log line); keys that need a restart keep their value."""
+        old = self.store.current
+        source = self.store.path or old.source
+        if self.drain.state != Drain.SERVING:
+            return self._reloaded(ReloadResult("rejected", source, "the node is stopping"))
+        try:
+            new = self.store.load()
+        except ConfigError as exc:
+            log.warn("{line}", line=rejected_line(exc))
+            return self._reloaded(ReloadResult("rejected", source, str(exc)))
+        changes = diff(old, new)
+        if changes.empty:
+            log.info("config reloaded from {source}: nothing changed", source=source)
+            return self._reloaded(ReloadResult("unchanged", source))
+        config = effective(old, new, changes)
+        self.store.current = self.config = config
+        self._apply(old, config, changes)
+        result = ReloadResult("applied", source, changes=changes)
+        summary = result.to_json()
+        log.info("config reloaded from {source}: applied {applied}; children restarted for {children}; "
+                 "dispatcher {dispatcher}; models {models}", source=source, applied=summary["applied"],
+                 children=summary["children_restarted"], dispatcher=summary["dispatcher"], models=summary["models"])
+        if changes.needs_restart:
+            log.warn("config reload: {keys} need a restart of the agent to change; the running values are kept",
+                     keys=", ".join(changes.needs_restart))
+        return self._reloaded(result)
+
+    def _reloaded(self, result: ReloadResult) -> ReloadResult:
+        self.metrics.reloads.labels(result.result).inc()
+        return result
+
+    def _apply(self, old: NodeConfig, config: NodeConfig, changes: Any) -> None:
+        if "node_id" in changes.dispatcher:
+            self.node.node_id = resolve_node_id(config)
+        self.node.apply_config(config)
+        self.keys = load_api_keys(config)
+        self.root.keys = self.keys if self.keys else None
+        site = self.site
+        site.requestFactory.max_body_bytes = config.max_request_body_bytes
+        site.protocol.header_timeout_s = config.header_read_timeout_s
+        site.timeOut = config.client_idle_timeout_s
+        site.max_connections = config.max_client_connections
+        self.pool.maxPersistentPerHost = max(4, 2 * config.max_concurrent_requests_per_device)
+        if config.metrics_interval_s != old.metrics_interval_s:
+            self.runtime.set_interval(config.metrics_interval_s)
+        self._relink(config, changes)
+
+    def _relink(self, config: NodeConfig, changes: Any) -> None:
+        link = self.dispatcher
+        if link is not None and not config.dispatcher_base_url:
+            log.info("dispatcher_base_url removed: deregistering, standalone from now on")
+            self.dispatcher = self.metrics.dispatcher = None
+            link.disownServiceParent()  # its stopService deregisters (bounded)
+        elif link is None and config.dispatcher_base_url:
+            self._link(config)
+        elif link is not None:
+            identity = {"dispatcher_base_url", "dispatcher_token", "dispatcher_token_file", "node_id",
+                        "advertise_url"}
+            again = bool(identity & set(changes.dispatcher)) or changes.models_changed
+            link.reconfigure(config, self._advertise_url(config), register_again=again)
 
     def when_discovered(self) -> Deferred[Any]:
         """Fires once devices are discovered (for tests and the demo)."""

@@ -1,7 +1,10 @@
 """``twistd rolemesh-node``: options and ``makeService`` for the twistd plugin.
 
 A bad config stops twistd before it daemonizes, with exit code 2 and the one
-line ``config error: FILE: key.path: problem`` on stderr.
+line ``config error: FILE: key.path: problem`` on stderr. Signals as for the
+CLI (:mod:`rolemesh_node.signals`): SIGTERM drains and stops, SIGHUP reloads,
+SIGUSR1 rotates twistd's ``--logfile`` (appended to, never rotated by size:
+:mod:`rolemesh_node.logs`).
 """
 
 from __future__ import annotations
@@ -38,15 +41,15 @@ def makeService(options: Options) -> Any:
 
     from .logs import filter_twistd_logging
     from .service import makeService as make
-    from .signals import install_stop_handlers
+    from .signals import install_signal_handlers
 
-    filter_twistd_logging(options.node_config.log_level)
-
-    # Exit 0 after a clean stop on SIGTERM/SIGINT (twistd would re-raise the signal).
-    reactor.callWhenRunning(install_stop_handlers, reactor)
+    twistd_log = filter_twistd_logging(options.node_config.log_level)
     try:
-        return make(options.node_config)  # reads the dispatcher token file
+        service = make(options.node_config)  # reads the dispatcher token file
     except ConfigError as exc:
         sys.stderr.write(f"{exc}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
+    # Exit 0 after a clean stop on SIGTERM/SIGINT (twistd would re-raise the signal); HUP, USR1.
+    reactor.callWhenRunning(install_signal_handlers, reactor, service, twistd_log.rotate)
+    return service

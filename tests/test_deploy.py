@@ -37,8 +37,6 @@ DEPLOY = REPO / "deploy" / "kubernetes"
 CONTAINERFILE = REPO / "Containerfile"
 #: Kubernetes versions the manifests must be valid for: every bundled one from this on
 OLDEST_K8S = (1, 29)
-#: drain_timeout_s's default, for the grace arithmetic until the key exists (another issue adds it)
-DRAIN_TIMEOUT_DEFAULT_S = 30.0
 #: what the grace period must leave beyond the stop itself (the process exiting, tini, the kubelet)
 STOP_MARGIN_S = 5.0
 POD_IP = "10.42.3.17"
@@ -159,10 +157,20 @@ def test_downward_api_gives_node_id_and_advertise_url() -> None:
 
 def test_termination_grace_covers_the_agents_stop() -> None:
     config = node_config()
-    drain = getattr(config, "drain_timeout_s", DRAIN_TIMEOUT_DEFAULT_S)
     deregister = min(DEREGISTER_TIMEOUT_S, config.dispatcher_timeout_s)
     grace = one("DaemonSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= drain + config.llama_server_stop_grace_s + deregister + STOP_MARGIN_S, grace
+    assert grace >= config.drain_timeout_s + config.llama_server_stop_grace_s + deregister + STOP_MARGIN_S, grace
+
+
+def test_systemd_stop_timeout_covers_the_agents_stop() -> None:
+    """The unit's TimeoutStopSec against the defaults (the unit ships for the example config's values)."""
+    unit = (REPO / "configs" / "rolemesh-node.service").read_text()
+    match = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)
+    assert match, "TimeoutStopSec missing"
+    defaults = NodeConfig()
+    deregister = min(DEREGISTER_TIMEOUT_S, defaults.dispatcher_timeout_s)
+    assert int(match.group(1)) > defaults.drain_timeout_s + defaults.llama_server_stop_grace_s + deregister
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
 
 
 def test_files_the_config_names_are_mounted() -> None:

@@ -1104,3 +1104,40 @@ async def test_loopback_stop_when_the_dispatcher_is_gone(no_errors) -> None:
         took = time.monotonic() - began
         await pool.closeCachedConnections()
     assert took < 1.5
+
+
+# ==========================================================================
+# drain and reload (Clock)
+
+
+def test_leave_stops_heartbeats_and_deregisters_once_with_its_reason() -> None:
+    clock = Clock()
+    http = FakeHttp(clock)
+    link = make_link(clock, http)
+    link.startService()
+    done: list[Any] = []
+    link.leave("draining").addBoth(done.append)
+    assert done == [None] and http.paths()[-1] == DEREGISTER_PATH
+    assert http.sent[-1].json["reason"] == "draining"
+    clock.advance(60)
+    assert http.paths().count(HEARTBEAT_PATH) == 1  # none after leaving
+    stop(link, clock)  # waits for that deregistration; sends no second one
+    assert http.paths().count(DEREGISTER_PATH) == 1
+
+
+def test_reconfigure_registers_again_on_a_new_token_and_keeps_the_new_interval() -> None:
+    clock = Clock()
+    http = FakeHttp(clock)
+    link = make_link(clock, http)
+    link.startService()
+    link.reconfigure(make_config(heartbeat_interval_s=5.0), "http://node.test:8088", register_again=False)
+    assert http.paths() == [REGISTER_PATH, HEARTBEAT_PATH]  # same identity: no new registration
+    clock.advance(5)
+    assert [s.at for s in http.of(HEARTBEAT_PATH)] == [0, 5]
+    link.reconfigure(make_config(dispatcher_token="tok-new-0123456789"), "http://node.test:8088",
+                     register_again=False)
+    assert http.paths()[-2:] == [REGISTER_PATH, HEARTBEAT_PATH]  # the token changed: registered again
+    assert http.sent[-1].headers["Authorization"] == "Bearer tok-new-0123456789"
+    clock.advance(10)
+    assert http.of(HEARTBEAT_PATH)[-1].at == 15  # back to 10 s
+    stop(link, clock)

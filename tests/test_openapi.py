@@ -70,7 +70,7 @@ def schema_validator(raw_spec: dict[str, Any], name: str) -> Draft202012Validato
 
 def test_document_is_valid_openapi_3_1(openapi: OpenAPI, raw_spec: dict[str, Any]) -> None:
     assert raw_spec["openapi"].startswith("3.1")
-    assert set(raw_spec["paths"]) == {"/health", "/ready", "/v1/models", "/v1/node/inventory",
+    assert set(raw_spec["paths"]) == {"/health", "/ready", "/v1/models", "/v1/node/inventory", "/v1/node/reload",
                                       "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 
 
@@ -415,3 +415,19 @@ async def test_proxied_answers_match_the_document(openapi: OpenAPI, raw_spec: di
             assert media["text/event-stream"]["x-rolemesh-event-schema"]["$ref"].endswith("/" + schema)
     finally:
         await node.stop()
+
+
+def test_reload_results_match_the_document(raw_spec: dict[str, Any]) -> None:
+    from rolemesh_node.config import NodeConfig
+    from rolemesh_node.reload import ReloadResult, diff
+
+    validator = schema_validator(raw_spec, "ReloadResult")
+    changes = diff(NodeConfig(), NodeConfig(listen_port=9000, request_timeout_s=5.0))
+    for result in (ReloadResult("applied", "/etc/node.yaml", changes=changes), ReloadResult("unchanged", "n.yaml"),
+                   ReloadResult("rejected", "n.yaml", "config error: n.yaml: listen_port: expected an integer")):
+        validator.validate(result.to_json())
+    deregister = schema_validator(raw_spec, "DeregisterRequest")
+    from rolemesh_node.dispatcher import DEREGISTER_REASONS
+
+    for reason in DEREGISTER_REASONS:
+        deregister.validate({"node_id": "n1", "started_at": 1.0, "time": 2.0, "reason": reason})

@@ -65,7 +65,9 @@ def write_node_config(directory: Path, port: int) -> Path:
 
 
 def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONUNBUFFERED": "1"}
+    # this checkout first: the console scripts then run the code under test wherever the package is installed from
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONUNBUFFERED": "1",
+                                                                                  "PYTHONPATH": str(REPO)}
 
 
 def http_json(url: str, body: Any = None, timeout: float = 5.0) -> tuple[int, Any]:
