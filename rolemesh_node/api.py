@@ -1,4 +1,4 @@
-"""The node's own endpoints (Klein): health, readiness, model list, inventory.
+"""The node's own endpoints (Klein): health, readiness, model list, inventory, device logs.
 
 The proxy routes live in :mod:`rolemesh_node.proxy`; the root resource in
 :mod:`rolemesh_node.web` sends everything else here. Unknown paths and wrong
@@ -14,6 +14,7 @@ from klein import Klein
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from .childlog import SSEFollower
 from .errors import set_error
 from .metrics import CONTENT_TYPE
 from .node import Node
@@ -65,6 +66,25 @@ class NodeAPI:
         request.setHeader(b"x-request-id", request_id(request))
         return _json(request, self.node.inventory_json())
 
+    @app.route("/v1/node/devices/<device>/logs", methods=["GET"])
+    def device_logs(self, request: Any, device: str) -> Any:
+        """The device's child output: the last ``lines`` as text, or with ``follow=1`` as SSE, then every new line."""
+        request.setHeader(b"x-request-id", request_id(request))
+        slot = self.node.slots.get(device)
+        if slot is None:
+            return set_error(request, 404, f"no device {device[:100]!r} on this node", "device_not_found")
+        devlog = slot.output
+        try:
+            lines = _int_arg(request, b"lines", 100, 0, devlog.size)
+            follow = _flag_arg(request, b"follow")
+        except ValueError as exc:
+            return set_error(request, 400, str(exc), "invalid_request")
+        if follow:
+            return SSEFollower(request, devlog, self.node.reactor).start(lines)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        return "".join(line + "\n" for line in devlog.tail(lines)).encode("utf-8", "replace")
+
     @app.route("/metrics", methods=["GET"])
     def prometheus(self, request: Any) -> bytes:
         if self.metrics is None:
@@ -85,3 +105,31 @@ class NodeAPI:
         method = request.method.decode("latin-1")
         return set_error(request, 405, f"{method} is not allowed on {request.path.decode('utf-8', 'replace')}",
                          "method_not_allowed", headers={"Allow": ", ".join(allowed)})
+
+
+def _arg(request: Any, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    return None if not values else values[-1].decode("utf-8", "replace")
+
+
+def _int_arg(request: Any, name: bytes, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter; above ``hi`` is taken as ``hi`` (the ring holds no more)."""
+    text = _arg(request, name)
+    if text is None:
+        return min(default, hi)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name.decode()} must be an integer, got {text[:40]!r}") from None
+    if value < lo:
+        raise ValueError(f"{name.decode()} must be at least {lo}, got {value}")
+    return min(value, hi)
+
+
+def _flag_arg(request: Any, name: bytes) -> bool:
+    text = _arg(request, name)
+    if text is None or text in ("0", "false", "no", ""):
+        return False
+    if text in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{name.decode()} must be 1 or 0, got {text[:40]!r}")

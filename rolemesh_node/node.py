@@ -131,12 +131,19 @@ class Node:
         self.metrics.update(sample)
 
     def stop(self) -> Deferred[Any]:
-        """Refuse the waiting requests and stop every child; fires when all have exited."""
+        """Refuse the waiting requests and stop every child; fires when all have exited
+        (then the device logs are closed: their followers end, their files are closed)."""
         self.stopping = True
         if self._discovery is not None and not self._discovery.called:
             self._discovery.cancel()
         self.coordinator.stop()
-        return DeferredList([slot.stop() for slot in self.slots.values()], consumeErrors=True)
+        stopped = DeferredList([slot.stop() for slot in self.slots.values()], consumeErrors=True)
+        return stopped.addBoth(self._close_logs)
+
+    def _close_logs(self, result: Any) -> Any:
+        for slot in self.slots.values():
+            slot.output.close()
+        return result
 
     def serving(self) -> Serving:
         """Does the node serve requests now? The one place that decides
@@ -220,7 +227,8 @@ class Node:
     def uptime_s(self) -> float:
         return self.reactor.seconds() - self._started_monotonic
 
-    def inventory_json(self) -> dict[str, Any]:
+    def devices_json(self) -> list[dict[str, Any]]:
+        """Each device: its static facts, latest metrics and child (the inventory's ``devices``)."""
         snapshots = {snap.device_id: snap for snap in self.snapshots()}
         devices = []
         for device in self.devices:
@@ -231,6 +239,10 @@ class Node:
                 "metrics": None if metrics is None else metrics.to_json(),
                 "child": None if snap is None else snap.to_json(),
             })
+        return devices
+
+    def inventory_json(self) -> dict[str, Any]:
+        devices = self.devices_json()
         service = self.costs.service_table()
         models = []
         for spec in self.config.models.values():

@@ -35,7 +35,8 @@ from zope.interface import implementer
 from .accesslog import AccessLog, shows_access_lines
 from .api import NodeAPI
 from .auth import load_api_keys
-from .config import NodeConfig
+from .childlog import check_log_dir
+from .config import ConfigError, NodeConfig
 from .dispatcher import DispatcherLink, default_advertise_url
 from .hosts import is_loopback_host
 from .identity import node_id as resolve_node_id
@@ -161,6 +162,10 @@ class NodeService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
+        if config.log_dir is not None:
+            problem = check_log_dir(config.log_dir)
+            if problem is not None:
+                raise ConfigError(config.source, "log_dir", problem)
         self.pool = make_pool(reactor, config)
         endpoints = LoopbackEndpoints(reactor)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
