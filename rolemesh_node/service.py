@@ -195,7 +195,7 @@ class NodeService(MultiService):
                               max_connections=config.max_client_connections,
                               header_timeout_s=config.header_read_timeout_s,
                               idle_timeout_s=config.client_idle_timeout_s, access_log=self.access_log,
-                              reactor=reactor)
+                              reactor=reactor, on_refusal=self._refused)
         self.listener = HttpListener(reactor, self.site, config.listen_host, config.listen_port,
                                      authenticated=bool(self.keys))
         self.listener.setServiceParent(self)
@@ -212,6 +212,10 @@ class NodeService(MultiService):
     @property
     def port(self) -> int:
         return self.listener.port
+
+    def _refused(self, status: int, reason: str, message: str | None) -> None:
+        """The node answered 429/503 itself: counted by reason."""
+        self.metrics.refused(status, reason)
 
     def startService(self) -> None:
         if self.access_log is not None:

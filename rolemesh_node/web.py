@@ -14,7 +14,9 @@
 * :class:`NodeSite` answers connections beyond ``max_client_connections``
   with a 503 and closes them, instead of serving without bound; it hands each
   finished request to its :class:`~rolemesh_node.accesslog.AccessLog` (none:
-  no access log) instead of Twisted's one log event per request.
+  no access log) instead of Twisted's one log event per request, and tells
+  ``on_refusal`` of every 429 and 503 the node answered itself (status, code,
+  message), the connection cap's included.
 """
 
 from __future__ import annotations
@@ -117,10 +119,16 @@ class _Refuse(Protocol):
         self.transport.loseConnection()
 
 
+#: the statuses whose answers are counted by reason (``NodeSite.on_refusal``)
+REFUSALS = frozenset({429, 503})
+
+
 class NodeSite(Site):
     protocol = NodeChannel
     max_connections = 1024
     access_log: AccessLog | None = None
+    #: ``on_refusal(status, code, message)`` for each 429/503 the node gave itself (not a child's, relayed)
+    on_refusal: Callable[[int, str, str | None], None] | None = None
 
     def __init__(self, resource: Any, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -128,6 +136,8 @@ class NodeSite(Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.open_connections >= self.max_connections:
+            if self.on_refusal is not None:
+                self.on_refusal(503, "too_many_connections", None)
             refuse = _Refuse()
             refuse.factory = self
             return refuse
@@ -143,6 +153,10 @@ class NodeSite(Site):
         access_log = self.access_log
         if access_log is not None:
             access_log.add(request)
+        if request.code in REFUSALS and self.on_refusal is not None:
+            error = getattr(request, "rolemesh_error", None)
+            if error is not None and error[0]:
+                self.on_refusal(request.code, error[0], error[1])
 
 
 @implementer(IResource)
@@ -179,10 +193,11 @@ class RootResource:
 
 
 def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_timeout_s: float,
-              idle_timeout_s: float, access_log: AccessLog | None, reactor: Any = None) -> NodeSite:
+              idle_timeout_s: float, access_log: AccessLog | None, reactor: Any = None,
+              on_refusal: Callable[[int, str, str | None], None] | None = None) -> NodeSite:
     """The node's ``Site``. ``access_log``: where each finished request goes
     (``None``: no access log); ``reactor``: the site's clock and timers (default:
-    the global reactor)."""
+    the global reactor); ``on_refusal``: told of each 429/503 the node answers."""
     request_class = type("NodeRequest", (NodeRequest,), {"max_body_bytes": max_body_bytes})
     # No form parsing: the node reads JSON bodies only, and Twisted would parse
     # every POST's Content-Type with the email package to look for forms.
@@ -193,4 +208,5 @@ def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_ti
     site.displayTracebacks = False
     site.noisy = False
     site.access_log = access_log
+    site.on_refusal = on_refusal
     return site
