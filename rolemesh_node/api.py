@@ -1,13 +1,22 @@
-"""The node's own endpoints (Klein): health, readiness, model list, inventory, device logs.
+"""The node's own endpoints (Klein): health, readiness, model list, inventory, status, device logs,
+and the status page.
 
 The proxy routes live in :mod:`rolemesh_node.proxy`; the root resource in
 :mod:`rolemesh_node.web` sends everything else here. Unknown paths and wrong
 methods get OpenAI-style JSON errors, like every other error of the node.
+
+The status page is ``GET /`` for a browser (``Accept: text/html``; any other
+client gets the JSON 404 it always got) and three files under ``/ui/``, read
+once from the package (``rolemesh_node/ui``). They carry no data, so they are
+served without a key; the page's script reads ``/v1/node/status`` with the
+key the operator typed in.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from importlib import resources
 from typing import Any
 
 from klein import Klein
@@ -19,6 +28,27 @@ from .errors import set_error
 from .metrics import CONTENT_TYPE
 from .node import Node
 from .proxy import request_id
+from .web import wants_html
+
+#: the status page's files: name -> content type
+UI_FILES = {
+    "index.html": b"text/html; charset=utf-8",
+    "status.js": b"text/javascript; charset=utf-8",
+    "status.css": b"text/css; charset=utf-8",
+}
+#: the page may load its own files and call its own node, nothing else (these machines are offline anyway)
+UI_HEADERS = {
+    b"content-security-policy": b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"cache-control": b"no-cache",
+}
+
+
+@functools.cache
+def ui_file(name: str) -> bytes:
+    return (resources.files("rolemesh_node") / "ui" / name).read_bytes()
 
 
 def _json(request: Any, doc: Any, status: int = 200) -> bytes:
@@ -30,12 +60,33 @@ def _json(request: Any, doc: Any, status: int = 200) -> bytes:
 class NodeAPI:
     app = Klein()
 
-    def __init__(self, node: Node, metrics: Any = None) -> None:
+    def __init__(self, node: Node, metrics: Any = None, dispatcher: Any = None) -> None:
         self.node = node
         self.metrics = metrics
+        self.dispatcher = dispatcher
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    @app.route("/")
+    def page(self, request: Any) -> bytes:
+        """The status page for a browser; for anyone else the 404 this path always answered."""
+        if request.method in (b"GET", b"HEAD") and wants_html(request):
+            return self._ui(request, "index.html")
+        return self.not_found(request, None)
+
+    @app.route("/ui/<name>", methods=["GET", "HEAD"])
+    def ui(self, request: Any, name: str) -> bytes:
+        if name not in UI_FILES or name == "index.html":
+            return self.not_found(request, None)
+        return self._ui(request, name)
+
+    def _ui(self, request: Any, name: str) -> bytes:
+        request.setHeader(b"x-request-id", request_id(request))
+        request.setHeader(b"content-type", UI_FILES[name])
+        for header, value in UI_HEADERS.items():
+            request.setHeader(header, value)
+        return ui_file(name)
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: Any) -> bytes:
@@ -66,6 +117,13 @@ class NodeAPI:
         request.setHeader(b"x-request-id", request_id(request))
         return _json(request, self.node.inventory_json())
 
+    @app.route("/v1/node/status", methods=["GET"])
+    def status(self, request: Any) -> bytes:
+        """Everything the status page shows, in one compact document."""
+        request.setHeader(b"x-request-id", request_id(request))
+        request.setHeader(b"cache-control", b"no-store")
+        return _json(request, self.node.status_json(self.dispatcher))
+
     @app.route("/v1/node/devices/<device>/logs", methods=["GET"])
     def device_logs(self, request: Any, device: str) -> Any:
         """The device's child output: the last ``lines`` as text, or with ``follow=1`` as SSE, then every new line."""
@@ -93,7 +151,7 @@ class NodeAPI:
         return self.metrics.render()
 
     @app.handle_errors(NotFound)
-    def not_found(self, request: Any, failure: Failure) -> bytes:
+    def not_found(self, request: Any, failure: Failure | None) -> bytes:
         request.setHeader(b"x-request-id", request_id(request))
         path = request.path.decode("utf-8", "replace")[:200]
         return set_error(request, 404, f"no route {path!r} on this node", "not_found")

@@ -187,7 +187,15 @@ class NodeService(MultiService):
         self.proxy.metrics = self.metrics
         self.node.slot_listeners.append(self.metrics.slot_event)
         self.node.coordinator.listeners.append(self.metrics.switch_event)
-        self.api = NodeAPI(self.node, self.metrics)
+        self.dispatcher: DispatcherLink | None = None
+        if config.dispatcher_base_url:
+            # Looked up once, here, before the reactor runs (it may resolve the host name).
+            fixed = default_advertise_url(config) if config.listen_port else None
+            self.dispatcher = DispatcherLink(
+                reactor=reactor, http=self.http, node=self.node, config=config,
+                advertise_url=fixed or (lambda: default_advertise_url(config, port=self.port)))
+            self.metrics.dispatcher = self.dispatcher
+        self.api = NodeAPI(self.node, self.metrics, self.dispatcher)
         root = RootResource(self.proxy, ROUTES, self.api.resource(), keys=self.keys,
                             on_denied=lambda request: self.metrics.auth_failures.inc())
         self.access_log = AccessLog(reactor) if shows_access_lines(config.access_log, config.log_level) else None
@@ -199,23 +207,18 @@ class NodeService(MultiService):
         self.listener = HttpListener(reactor, self.site, config.listen_host, config.listen_port,
                                      authenticated=bool(self.keys))
         self.listener.setServiceParent(self)
-        self.dispatcher: DispatcherLink | None = None
-        if config.dispatcher_base_url:
-            # Looked up once, here, before the reactor runs (it may resolve the host name).
-            fixed = default_advertise_url(config) if config.listen_port else None
-            self.dispatcher = DispatcherLink(
-                reactor=reactor, http=self.http, node=self.node, config=config,
-                advertise_url=fixed or (lambda: default_advertise_url(config, port=self.port)))
-            self.dispatcher.setServiceParent(self)
-            self.metrics.dispatcher = self.dispatcher
+        if self.dispatcher is not None:
+            self.dispatcher.setServiceParent(self)  # after the listener: it starts, and stops, after it
 
     @property
     def port(self) -> int:
         return self.listener.port
 
     def _refused(self, status: int, reason: str, message: str | None) -> None:
-        """The node answered 429/503 itself: counted by reason."""
+        """The node answered 429/503 itself: counted by reason; a 503 is one of the recent errors."""
         self.metrics.refused(status, reason)
+        if status == 503 and message:
+            self.node.errors.add("request", message)
 
     def startService(self) -> None:
         if self.access_log is not None:

@@ -4,7 +4,8 @@
   :class:`~rolemesh_node.proxy.ProxyResource` and everything else to the Klein
   app (:mod:`rolemesh_node.api`), so the hot path skips Klein's routing. It
   checks the API key (when keys are configured) on every route but
-  ``/health`` and ``/ready``.
+  ``/health``, ``/ready`` and the status page's HTML and files, which carry
+  no data (:func:`is_public`).
 * :class:`NodeRequest` caps what a request body may hold in memory: past
   ``max_request_body_bytes`` the rest is read off the wire and dropped, and the
   request is answered 413 — a huge upload cannot fill the agent's memory.
@@ -36,6 +37,21 @@ from .errors import error_body, set_error
 
 #: probes (a kubelet, a load balancer) call these without a key
 UNAUTHENTICATED_PATHS = frozenset({b"/health", b"/ready"})
+#: the status page's static files (no data: the page fetches it with the key)
+UI_PREFIX = b"/ui/"
+
+
+def is_public(request: Any) -> bool:
+    """Served without a key: the probes, and the status page (its HTML for a browser, its files)."""
+    path = request.path
+    if path in UNAUTHENTICATED_PATHS or path.startswith(UI_PREFIX):
+        return True
+    return path == b"/" and wants_html(request)
+
+
+def wants_html(request: Any) -> bool:
+    """A browser asking for a page (``Accept`` names ``text/html``)."""
+    return b"text/html" in (request.getHeader(b"accept") or b"")
 
 
 class _CappedBody(io.BytesIO):
@@ -175,7 +191,7 @@ class RootResource:
 
     def render(self, request: Any) -> Any:
         path = request.path
-        if self.keys is not None and path not in UNAUTHENTICATED_PATHS \
+        if self.keys is not None and not is_public(request) \
                 and not self.keys.allows(request.getHeader(b"authorization")):
             if self.on_denied is not None:
                 self.on_denied(request)

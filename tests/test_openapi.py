@@ -72,7 +72,7 @@ def schema_validator(raw_spec: dict[str, Any], name: str) -> Draft202012Validato
 def test_document_is_valid_openapi_3_1(openapi: OpenAPI, raw_spec: dict[str, Any]) -> None:
     assert raw_spec["openapi"].startswith("3.1")
     assert set(raw_spec["paths"]) == {"/health", "/ready", "/v1/models", "/v1/node/inventory",
-                                      "/v1/node/devices/{device}/logs",
+                                      "/v1/node/devices/{device}/logs", "/v1/node/status", "/", "/ui/{file}",
                                       "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 
 
@@ -237,7 +237,7 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
     await node.start()
     try:
         # ------------------------------------------------ the node's own routes
-        for path in ("/health", "/ready", "/v1/models", "/v1/node/inventory"):
+        for path in ("/health", "/ready", "/v1/models", "/v1/node/inventory", "/v1/node/status"):
             status, headers, body = await node.call("GET", path)
             assert status == 200, (path, body)
             check_response(openapi, node, "GET", path, status, headers, body)
@@ -246,6 +246,12 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
             assert status == 200 and body == b""
             check_response(openapi, node, "HEAD", path, status, headers, body)
 
+        status, headers, body = await node.call("GET", "/", headers={"Accept": "text/html"})
+        assert status == 200
+        check_response(openapi, node, "GET", "/", status, headers, body)
+        await node.call("POST", "/v1/embeddings", b'{"model": "ghost", "input": "x"}')  # a 503: a recent error
+        status_doc = json.loads((await node.call("GET", "/v1/node/status"))[2])
+        assert status_doc["dispatcher"]["state"] in ("registering", "registered") and status_doc["errors"]
         node.service.node.slots["cpu:1"].output.add("alpha", 4242, 2, ["main: model loaded"])  # no child here
         for path, status in [("/v1/node/devices/cpu:1/logs?lines=5", 200), ("/v1/node/devices/gpu:9/logs", 404),
                              ("/v1/node/devices/cpu:0/logs?lines=x", 400)]:
