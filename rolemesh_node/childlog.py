@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.logfile import LogFile
+from zope.interface import implementer
 
 log = Logger()
 
@@ -181,12 +183,15 @@ def _event(line: str) -> bytes:
     return b"data: " + line.replace("\r", " ").encode("utf-8", "replace") + b"\n\n"
 
 
+@implementer(IPushProducer)
 class SSEFollower:
     """Writes a device's new lines to one HTTP request as server-sent events.
 
     :meth:`start` answers a Deferred that fires when the log closes (the node
     stops); cancelling it (Klein does when the client goes away) unsubscribes
-    and cancels the keep-alive timer.
+    and cancels the keep-alive timer. It is the request's push producer: while
+    a slow client has the transport paused, new lines are dropped (and counted
+    in a ``: N lines skipped`` comment on resume) instead of piling up in memory.
     """
 
     def __init__(self, request: Any, devlog: DeviceLog, reactor: Any, keepalive_s: float = KEEPALIVE_S) -> None:
@@ -197,6 +202,9 @@ class SSEFollower:
         self.done: Deferred[bytes] = Deferred(lambda _d: self._stop())
         self._unsubscribe: Callable[[], None] = lambda: None
         self._timer: Any = None
+        self._paused = False
+        self._skipped = 0
+        self._registered = False
 
     def start(self, backlog: int) -> Deferred[bytes]:
         request = self.request
@@ -205,12 +213,18 @@ class SSEFollower:
         request.setHeader(b"x-accel-buffering", b"no")
         request.write(b": following " + self.devlog.device_id.encode() + b"\n\n"
                       + b"".join(_event(line) for line in self.devlog.tail(backlog)))
+        if not self.devlog.closed:
+            request.registerProducer(self, True)
+            self._registered = True
         self._unsubscribe = self.devlog.follow(self)
         if not self.done.called:
             self._arm()
         return self.done
 
     def lines(self, entries: list[str]) -> None:
+        if self._paused:
+            self._skipped += len(entries)
+            return
         self.request.write(b"".join(_event(line) for line in entries))
         self._arm()
 
@@ -219,9 +233,23 @@ class SSEFollower:
         if not self.done.called:
             self.done.callback(b"")
 
+    # IPushProducer, driven by the client's connection
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._skipped:
+            skipped, self._skipped = self._skipped, 0
+            self.request.write(b": %d lines skipped (the client read too slowly)\n\n" % skipped)
+
+    def stopProducing(self) -> None:
+        self._stop()
+
     def _keepalive(self) -> None:
         self._timer = None
-        self.request.write(b": keep-alive\n\n")
+        if not self._paused:
+            self.request.write(b": keep-alive\n\n")
         self._arm()
 
     def _arm(self) -> None:
@@ -235,3 +263,6 @@ class SSEFollower:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._registered:
+            self._registered = False
+            self.request.unregisterProducer()

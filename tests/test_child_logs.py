@@ -127,12 +127,21 @@ class FakeRequest:
     def __init__(self) -> None:
         self.headers: dict[bytes, bytes] = {}
         self.written: list[bytes] = []
+        self.producer: Any = None
 
     def setHeader(self, name: bytes, value: bytes) -> None:
         self.headers[name] = value
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming and self.producer is None
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        assert self.producer is not None
+        self.producer = None
 
 
 def test_sse_follower_backlog_lines_keepalive_and_cancel() -> None:
@@ -147,10 +156,17 @@ def test_sse_follower_backlog_lines_keepalive_and_cancel() -> None:
     assert request.written[-1] == b"data: 1970-01-01T00:00:00.000Z a pid=1 stdout: new\n\n"
     clock.advance(15)
     assert request.written[-1] == b": keep-alive\n\n"
+    # a slow client: lines are dropped while it is paused, and counted
+    request.producer.pauseProducing()
+    devlog.add("a", 1, 1, ["dropped 1", "dropped 2"])
+    clock.advance(15)
+    assert b"dropped" not in b"".join(request.written) and request.written[-1] == b": keep-alive\n\n"
+    request.producer.resumeProducing()
+    assert request.written[-1] == b": 2 lines skipped (the client read too slowly)\n\n"
     failures: list[Any] = []
     done.addErrback(failures.append)
     done.cancel()  # the client went away (Klein cancels the handler's Deferred)
-    assert failures and not clock.getDelayedCalls()
+    assert failures and not clock.getDelayedCalls() and request.producer is None
     devlog.add("a", 1, 1, ["unheard"])
     assert b"unheard" not in b"".join(request.written)
 
@@ -158,9 +174,10 @@ def test_sse_follower_backlog_lines_keepalive_and_cancel() -> None:
 def test_sse_follower_ends_when_the_log_closes() -> None:
     clock = Clock()
     devlog = DeviceLog("cpu:0", size=10)
-    done = SSEFollower(FakeRequest(), devlog, clock).start(backlog=0)
+    request = FakeRequest()
+    done = SSEFollower(request, devlog, clock).start(backlog=0)
     devlog.close()
-    assert done.called and not clock.getDelayedCalls()
+    assert done.called and not clock.getDelayedCalls() and request.producer is None
 
 
 # --------------------------------------------------------------------------- over HTTP, real llama-server
