@@ -1,23 +1,54 @@
-"""The node's own endpoints (Klein): health, readiness, model list, inventory, config reload.
+"""The node's own endpoints (Klein): health, readiness, model list, inventory, config reload, status,
+device logs, and the status page.
 
 The proxy routes live in :mod:`rolemesh_node.proxy`; the root resource in
 :mod:`rolemesh_node.web` sends everything else here. Unknown paths and wrong
 methods get OpenAI-style JSON errors, like every other error of the node.
+
+The status page is ``GET /`` for a browser (``Accept: text/html``; any other
+client gets the JSON 404 it always got) and three files under ``/ui/``, read
+once from the package (``rolemesh_node/ui``). They carry no data, so they are
+served without a key; the page's script reads ``/v1/node/status`` with the
+key the operator typed in.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from importlib import resources
 from typing import Any, Callable
 
 from klein import Klein
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from .childlog import SSEFollower
 from .errors import set_error
 from .metrics import CONTENT_TYPE
 from .node import Node
 from .proxy import request_id
+from .web import wants_html
+
+#: the status page's files: name -> content type
+UI_FILES = {
+    "index.html": b"text/html; charset=utf-8",
+    "status.js": b"text/javascript; charset=utf-8",
+    "status.css": b"text/css; charset=utf-8",
+}
+#: the page may load its own files and call its own node, nothing else (these machines are offline anyway)
+UI_HEADERS = {
+    b"content-security-policy": b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"cache-control": b"no-cache",
+}
+
+
+@functools.cache
+def ui_file(name: str) -> bytes:
+    return (resources.files("rolemesh_node") / "ui" / name).read_bytes()
 
 
 def _json(request: Any, doc: Any, status: int = 200) -> bytes:
@@ -29,13 +60,35 @@ def _json(request: Any, doc: Any, status: int = 200) -> bytes:
 class NodeAPI:
     app = Klein()
 
-    def __init__(self, node: Node, metrics: Any = None, reload: Callable[[], Any] | None = None) -> None:
+    def __init__(self, node: Node, metrics: Any = None, reload: Callable[[], Any] | None = None,
+                 dispatcher: Callable[[], Any] = lambda: None) -> None:
         self.node = node
         self.metrics = metrics
         self._reload = reload
+        self._dispatcher = dispatcher  # the current link (a reload may add, replace or remove it)
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    @app.route("/")
+    def page(self, request: Any) -> bytes:
+        """The status page for a browser; for anyone else the 404 this path always answered."""
+        if request.method in (b"GET", b"HEAD") and wants_html(request):
+            return self._ui(request, "index.html")
+        return self.not_found(request, None)
+
+    @app.route("/ui/<name>", methods=["GET", "HEAD"])
+    def ui(self, request: Any, name: str) -> bytes:
+        if name not in UI_FILES or name == "index.html":
+            return self.not_found(request, None)
+        return self._ui(request, name)
+
+    def _ui(self, request: Any, name: str) -> bytes:
+        request.setHeader(b"x-request-id", request_id(request))
+        request.setHeader(b"content-type", UI_FILES[name])
+        for header, value in UI_HEADERS.items():
+            request.setHeader(header, value)
+        return ui_file(name)
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: Any) -> bytes:
@@ -76,6 +129,32 @@ class NodeAPI:
         result = self._reload()
         return _json(request, result.to_json(), 422 if result.result == "rejected" else 200)
 
+    @app.route("/v1/node/status", methods=["GET"])
+    def status(self, request: Any) -> bytes:
+        """Everything the status page shows, in one compact document."""
+        request.setHeader(b"x-request-id", request_id(request))
+        request.setHeader(b"cache-control", b"no-store")
+        return _json(request, self.node.status_json(self._dispatcher()))
+
+    @app.route("/v1/node/devices/<device>/logs", methods=["GET"])
+    def device_logs(self, request: Any, device: str) -> Any:
+        """The device's child output: the last ``lines`` as text, or with ``follow=1`` as SSE, then every new line."""
+        request.setHeader(b"x-request-id", request_id(request))
+        slot = self.node.slots.get(device)
+        if slot is None:
+            return set_error(request, 404, f"no device {device[:100]!r} on this node", "device_not_found")
+        devlog = slot.output
+        try:
+            lines = _int_arg(request, b"lines", 100, 0, devlog.size)
+            follow = _flag_arg(request, b"follow")
+        except ValueError as exc:
+            return set_error(request, 400, str(exc), "invalid_request")
+        if follow:
+            return SSEFollower(request, devlog, self.node.reactor).start(lines)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        return "".join(line + "\n" for line in devlog.tail(lines)).encode("utf-8", "replace")
+
     @app.route("/metrics", methods=["GET"])
     def prometheus(self, request: Any) -> bytes:
         if self.metrics is None:
@@ -84,7 +163,7 @@ class NodeAPI:
         return self.metrics.render()
 
     @app.handle_errors(NotFound)
-    def not_found(self, request: Any, failure: Failure) -> bytes:
+    def not_found(self, request: Any, failure: Failure | None) -> bytes:
         request.setHeader(b"x-request-id", request_id(request))
         path = request.path.decode("utf-8", "replace")[:200]
         return set_error(request, 404, f"no route {path!r} on this node", "not_found")
@@ -96,3 +175,31 @@ class NodeAPI:
         method = request.method.decode("latin-1")
         return set_error(request, 405, f"{method} is not allowed on {request.path.decode('utf-8', 'replace')}",
                          "method_not_allowed", headers={"Allow": ", ".join(allowed)})
+
+
+def _arg(request: Any, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    return None if not values else values[-1].decode("utf-8", "replace")
+
+
+def _int_arg(request: Any, name: bytes, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter; above ``hi`` is taken as ``hi`` (the ring holds no more)."""
+    text = _arg(request, name)
+    if text is None:
+        return min(default, hi)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name.decode()} must be an integer, got {text[:40]!r}") from None
+    if value < lo:
+        raise ValueError(f"{name.decode()} must be at least {lo}, got {value}")
+    return min(value, hi)
+
+
+def _flag_arg(request: Any, name: bytes) -> bool:
+    text = _arg(request, name)
+    if text is None or text in ("0", "false", "no", ""):
+        return False
+    if text in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{name.decode()} must be 1 or 0, got {text[:40]!r}")

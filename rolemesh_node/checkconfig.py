@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .auth import load_api_keys
+from .childlog import check_log_dir
 from .config import ConfigError, NodeConfig, env_overrides, load_config
 
 GGUF_MAGIC = b"GGUF"
@@ -64,6 +65,13 @@ def check_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None
             absent.append(("llama_server_bin", binary))
         elif not (binary.is_file() and os.access(binary, os.X_OK)):
             raise ConfigError(config.source, "llama_server_bin", f"{binary} is not an executable file")
+    if config.log_dir is not None:
+        if _present(config.log_dir):
+            problem = check_log_dir(config.log_dir)
+            if problem is not None:
+                raise ConfigError(config.source, "log_dir", problem)
+        else:
+            absent.append(("log_dir", config.log_dir))  # the node makes it
     for name, spec in config.models.items():
         key = f"models.{name}.path"
         if _present(spec.path):

@@ -93,6 +93,11 @@ class NodeConfig:
     advertise_url: str | None = None
     state_dir: Path | None = None
     log_level: str = "info"
+    # child output: a ring per device (lines), and files under log_dir rotated by size
+    log_dir: Path | None = None
+    child_log_lines: int = 2000
+    child_log_max_bytes: int = 10 * 1024 * 1024
+    child_log_backups: int = 5
     # devices
     backend: str = "auto"
     devices: tuple[int, ...] | None = None  # None = all
@@ -406,6 +411,10 @@ def _fields(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "advertise_url": _url,
         "state_dir": _opt_path(base),
         "log_level": _log_level,
+        "log_dir": _opt_path(base),
+        "child_log_lines": lambda v, p: _int(v, p, lo=10, hi=1_000_000),
+        "child_log_max_bytes": lambda v, p: _int(v, p, lo=4096),
+        "child_log_backups": lambda v, p: _int(v, p, lo=0, hi=1000),
         "backend": _backend,
         "devices": _devices,
         "cpu_devices": lambda v, p: _int(v, p, lo=1, hi=64),

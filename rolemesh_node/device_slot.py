@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .childlog import DeviceLog
 from .config import ModelSpec, NodeConfig
 from .crashes import CrashTracker
 from .devices.base import Backend, DeviceRef
@@ -233,6 +234,8 @@ class DeviceSlot:
         self.capacity = config.max_concurrent_requests_per_device
         self.crashes = CrashTracker(reactor, config.crash_limit, config.crash_window_s,
                                     config.crash_cooldown_s)
+        #: every child's output, across restarts (and in a file under log_dir)
+        self.output = DeviceLog.for_device(device.id, config)
         self._state: State = Idle()
         self.last_child: LlamaServerChild | None = None
         self.leases: collections.deque[Lease] = collections.deque()  # in flight, in grant order
@@ -468,6 +471,7 @@ class DeviceSlot:
             probe_interval_s=self.config.llama_server_probe_interval_s,
             startup_timeout_s=self.config.llama_server_startup_timeout_s,
             on_exit=self._child_exited, log_output=self.config.log_level == "debug")
+        child.output = self.output
         assert isinstance(self._state, Starting)
         self._state.child = child
         self._spawned = (argv, self._file_version(model.name))

@@ -32,7 +32,11 @@ def error_body(status: int, message: str, code: str | None = None, type_: str | 
 
 def set_error(request: Any, status: int, message: str, code: str | None = None,
               type_: str | None = None, headers: dict[str, str] | None = None) -> bytes:
-    """Set status and headers on a twisted.web request; return the body to write."""
+    """Set status and headers on a twisted.web request; return the body to write.
+
+    The code and message stay on the request (``rolemesh_error``) for what
+    counts answers when it ends (``/metrics``, the status page's errors)."""
+    request.rolemesh_error = (code, message)
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     for name, value in (headers or {}).items():

@@ -19,7 +19,9 @@ the device slot makes a new one). Its states::
   with the tail of its stderr.
 * **Stop**: SIGTERM, then SIGKILL after ``grace_s``; :meth:`stop` fires from
   ``processExited`` (not ``processEnded``, which also waits for pipes).
-* **Output**: while starting, stdout/stderr are read as they come (the ready
+* **Output**: every line goes to the child's own ``tail`` (error messages) and
+  to its device's log (:mod:`rolemesh_node.childlog`), one call per batch.
+  While starting, stdout/stderr are read as they come (the ready
   hint must be seen at once). Once ready, llama-server still writes ~9 log
   lines per request, so on Linux the pipes are enlarged to 1 MiB and no longer
   watched by the reactor: a ``LoopingCall`` drains them every
@@ -201,6 +203,8 @@ class LlamaServerChild(ProcessProtocol):
         self.ready_at: float | None = None
         self.exit: ExitInfo | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        #: where every output line also goes (the device's log, :mod:`rolemesh_node.childlog`); set by the slot
+        self.output: Any = None
         self.last_probe = "not probed yet"
         self.hung_reason: str | None = None  # set when the agent killed it for not answering
         self._ready_waiters: list[Deferred[LlamaServerChild]] = []
@@ -284,6 +288,8 @@ class LlamaServerChild(ProcessProtocol):
         self.transport.closeStdin()
         log.info("device {device}: started llama-server pid {pid} for model {model} on port {port}",
                  device=self.device_id, model=self.model, pid=self.pid, port=self.port)
+        if self.output is not None:
+            self.output.note(self.model, self.pid, f"started llama-server on port {self.port}")
 
     def outReceived(self, data: bytes) -> None:
         self._lines(1, data)
@@ -305,6 +311,9 @@ class LlamaServerChild(ProcessProtocol):
             self._kill_call.cancel()
         self._read_per_write()
         self._flush_partial()
+        if self.output is not None:
+            self.output.note(self.model, self.pid, f"exited: {self.exit.describe()}"
+                             + ("" if expected else " (unexpected)"))
         if was is ChildState.STARTING:
             tail = list(self.tail)
             self._fail_start(f"llama-server exited during startup ({self.exit.describe()})",
@@ -328,16 +337,21 @@ class LlamaServerChild(ProcessProtocol):
         buf = self._partial[fd] + data
         *lines, self._partial[fd] = buf.split(b"\n")
         hint = False
+        kept = []
         for raw in lines:
             line = raw.rstrip(b"\r").decode("utf-8", "replace")
             if not line:
                 continue
-            self.tail.append(line)
+            kept.append(line)
             if self.log_output:
-                    log.debug("{device} {model}: {line}", device=self.device_id, model=self.model, line=line,
+                log.debug("{device} {model}: {line}", device=self.device_id, model=self.model, line=line,
                           stream="stdout" if fd == 1 else "stderr")
             if self.state is ChildState.STARTING and READY_HINT.search(raw):
                 hint = True
+        if kept:
+            self.tail.extend(kept)
+            if self.output is not None:
+                self.output.add(self.model, self.pid, fd, kept)
         if len(self._partial[fd]) > 65536:  # a runaway line without newline
             self._partial[fd] = b""
         if hint:
@@ -404,7 +418,10 @@ class LlamaServerChild(ProcessProtocol):
     def _flush_partial(self) -> None:
         for fd, rest in self._partial.items():
             if rest.strip():
-                self.tail.append(rest.decode("utf-8", "replace").rstrip())
+                line = rest.decode("utf-8", "replace").rstrip()
+                self.tail.append(line)
+                if self.output is not None:
+                    self.output.add(self.model, self.pid, fd, [line])
             self._partial[fd] = b""
 
     def _signal(self, name: str) -> None:

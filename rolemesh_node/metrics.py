@@ -1,28 +1,40 @@
 """Prometheus metrics (``GET /metrics``) through ``prometheus-client``.
 
 Events are counted as they happen (requests, child starts, crashes, switch
-durations); state that already lives in the node (queue depth, in-flight,
-child state, device memory and utilization, dispatcher link counts) is read at
-scrape time by a collector, so nothing is duplicated or can drift. Each
-service has its own ``CollectorRegistry`` (no process-global state).
+durations, tokens, refusals, reloads); state that already lives in the node
+(queue depth, in-flight, child state, device memory and utilization,
+dispatcher link state and counts) is read at scrape time by a collector, so
+nothing is duplicated or can drift. Each service has its own
+``CollectorRegistry`` (no process-global state).
+
+Each proxied request gets a :class:`RequestMeter` (:meth:`NodeMetrics.meter`):
+the proxy tells it when the request got its device (queue wait), each body
+chunk it relays (the first one is the time to first token of a stream; the
+last ones hold the token counts, :mod:`rolemesh_node.tokens`) and the end.
 
 The ``model`` label only ever takes configured model names (anything else is
-``-``), so a client cannot grow the label space.
+``-``), so a client cannot grow the label space; ``reason`` labels only take
+the node's own codes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .snapshot import Phase
+from .tokens import TailWindow, read_counts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CHILD_STATES = tuple(phase.value for phase in Phase)
+#: what :meth:`NodeMetrics.reload_done` accepts (a config reload, issue 13)
+RELOAD_RESULTS = ("applied", "unchanged", "rejected")
+#: scheduler decisions that start a switch (``drained`` completes an ``overdue`` one, ``resume`` cancels it)
+SWITCH_REASONS = ("load", "overdue", "replica")
 
 
 class NodeMetrics:
@@ -41,7 +53,7 @@ class NodeMetrics:
         self.child_starts = Counter("rolemesh_child_starts", "llama-server children spawned", labels,
                                     registry=self.registry)
         self.child_ready = Histogram("rolemesh_child_ready_seconds",
-                                     "Switch/start duration: request for a model until its child was ready",
+                                     "Load time: a child's spawn until it was ready (what the scheduler measures)",
                                      labels, buckets=START_BUCKETS, registry=self.registry)
         self.child_failed_starts = Counter("rolemesh_child_failed_starts", "Children that never became ready",
                                            labels, registry=self.registry)
@@ -51,10 +63,29 @@ class NodeMetrics:
                                           labels, registry=self.registry)
         self.switches = Counter("rolemesh_scheduler_switches",
                                 "Model switches the scheduler decided, by device, model switched to and reason "
-                                "(load, overdue, replica, drained, resume)",
+                                "(load, overdue, replica)",
                                 ["device", "model", "reason"], registry=self.registry)
+        self.switch_time = Histogram("rolemesh_model_switch_seconds",
+                                     "A switch from the scheduler's decision until the new child was ready "
+                                     "(drain, stop of the old child and load), by device, model and reason",
+                                     ["device", "model", "reason"], buckets=START_BUCKETS, registry=self.registry)
+        self.tokens = Counter("rolemesh_tokens", "Tokens of answered requests as the child reported them "
+                              "(usage, else timings), by model and kind (prompt, completion)",
+                              ["model", "kind"], registry=self.registry)
+        self.ttft = Histogram("rolemesh_time_to_first_token_seconds",
+                              "Streamed requests: arrival until the first body byte from the child, by model",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("rolemesh_queue_wait_seconds",
+                                    "Proxied requests: arrival until a device was granted, by model",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.refusals = Counter("rolemesh_refusals", "429 and 503 answers of the node itself, by status and reason "
+                                "(queue_full, no_device, model_not_ready, model_unavailable, ...)",
+                                ["status", "reason"], registry=self.registry)
         self.reloads = Counter("rolemesh_config_reloads", "Config reloads (SIGHUP, POST /v1/node/reload), by "
                                "result: applied, unchanged, rejected", ["result"], registry=self.registry)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+        self._switching: dict[str, tuple[str, str, float]] = {}  # device -> (model, reason, since)
         self.registry.register(_StateCollector(self))
 
     def model_label(self, name: Any) -> str:
@@ -65,6 +96,20 @@ class NodeMetrics:
         self.requests.labels(route, label, str(status)).inc()
         self.latency.labels(route, label).observe(seconds)
 
+    def meter(self, model: str, stream: bool, started: float, clock: Callable[[], float]) -> "RequestMeter":
+        """The meter of one proxied request (``started``: its arrival on ``clock``)."""
+        return RequestMeter(self, self.model_label(model), stream, started, clock)
+
+    def refused(self, status: int, reason: str) -> None:
+        """The node answered 429 or 503 itself, for ``reason`` (its error code)."""
+        self.refusals.labels(str(status), reason).inc()
+
+    def reload_done(self, result: str) -> None:
+        """A config reload ended: ``applied``, ``unchanged`` or ``rejected``."""
+        if result not in RELOAD_RESULTS:
+            raise ValueError(f"reload result must be one of {', '.join(RELOAD_RESULTS)}, got {result!r}")
+        self.reloads.labels(result).inc()
+
     def slot_event(self, event: str, fields: dict[str, Any]) -> None:
         """A DeviceSlot listener."""
         device, model = fields["device"], self.model_label(fields.get("model"))
@@ -72,20 +117,87 @@ class NodeMetrics:
             self.child_starts.labels(device, model).inc()
         elif event == "ready":
             self.child_ready.labels(device, model).observe(fields.get("seconds") or 0.0)
+            switching = self._switching.pop(device, None)
+            if switching is not None and switching[0] == fields.get("model"):
+                seconds = self.node.reactor.seconds() - switching[2]
+                self.switch_time.labels(device, model, switching[1]).observe(max(0.0, seconds))
         elif event == "failed":
             self.child_failed_starts.labels(device, model).inc()
+            self._switching.pop(device, None)
         elif event == "crash":
             self.child_crashes.labels(device, model).inc()
         elif event == "idle_unload":
             self.child_idle_unloads.labels(device, model).inc()
 
     def switch_event(self, event: str, fields: dict[str, Any]) -> None:
-        """A Coordinator listener."""
-        if event == "switch" and fields.get("reason") != "resume":
-            self.switches.labels(fields["device"], self.model_label(fields.get("model")), fields["reason"]).inc()
+        """A Coordinator listener: a switch is counted once, when decided, and timed until its child is ready."""
+        if event != "switch":
+            return
+        device, reason = fields["device"], fields["reason"]
+        if reason in SWITCH_REASONS:
+            self.switches.labels(device, self.model_label(fields.get("model")), reason).inc()
+            self._switching[device] = (fields.get("model"), reason, self.node.reactor.seconds())
+        elif reason == "resume":
+            self._switching.pop(device, None)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMeter:
+    """What one proxied request tells the metrics: its grant, each relayed chunk, its end."""
+
+    __slots__ = ("metrics", "model", "stream", "started", "clock", "first_at", "window")
+
+    def __init__(self, metrics: NodeMetrics, model: str, stream: bool, started: float,
+                 clock: Callable[[], float]) -> None:
+        self.metrics = metrics
+        self.model = model
+        self.stream = stream
+        self.started = started
+        self.clock = clock
+        self.first_at: float | None = None
+        self.window = TailWindow()
+
+    def granted(self, waited_s: float) -> None:
+        """A device took the request after ``waited_s`` in the queue."""
+        self.metrics.queue_wait.labels(self.model).observe(max(0.0, waited_s))
+
+    def chunk(self, data: bytes) -> None:
+        """A chunk of the child's body was relayed (the hot path: no parsing here)."""
+        if self.first_at is None:
+            self.first_at = self.clock()
+        self.window.feed(data)
+
+    def done(self, status: int) -> None:
+        """The child's body ended: time to first token (streams), tokens (from the last chunks)."""
+        if status != 200:
+            return
+        metrics = self.metrics
+        if self.stream and self.first_at is not None:
+            metrics.ttft.labels(self.model).observe(self.first_at - self.started)
+        counts = read_counts(self.window.text())
+        if counts is not None:
+            metrics.tokens.labels(self.model, "prompt").inc(counts.prompt)
+            metrics.tokens.labels(self.model, "completion").inc(counts.completion)
+
+
+class _NullMeter:
+    """The meter of a proxy without metrics."""
+
+    __slots__ = ()
+
+    def granted(self, waited_s: float) -> None:
+        pass
+
+    def chunk(self, data: bytes) -> None:
+        pass
+
+    def done(self, status: int) -> None:
+        pass
+
+
+NULL_METER = _NullMeter()
 
 
 class _StateCollector:
@@ -157,3 +269,8 @@ class _StateCollector:
             regs.add_metric(["ok"], link.counts["register_ok"])
             regs.add_metric(["failed"], link.counts["register_failed"])
             yield regs
+            state = GaugeMetricFamily("rolemesh_dispatcher_link_state", "1 for the state the dispatcher link is in",
+                                      labels=["state"])
+            for value in type(link.state):
+                state.add_metric([value.value], 1.0 if link.state is value else 0.0)
+            yield state

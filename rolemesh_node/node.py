@@ -22,6 +22,7 @@ from .devices.base import Backend, DeviceMetrics, DeviceRef
 from .devices.select import select_backend
 from .llama_server import LlamaServerNotFound, find_llama_server
 from .model_files import ModelFiles
+from .recent import RecentErrors
 from .scheduler import SwitchPolicy
 from .snapshot import DeviceSnapshot, Phase
 
@@ -81,9 +82,11 @@ class Node:
             reactor=reactor, models=config.models, policy=SwitchPolicy(config.max_switch_wait_s),
             max_pending=config.max_pending_requests_per_device, slots=self.slots, snapshots=self.snapshots,
             sizes=self.sizes, costs=self.costs)
+        #: the last errors (failed starts, crashes, 5xx answers), for the status page
+        self.errors = RecentErrors()
         #: heard by every slot, also those made later (metrics add theirs before discovery ends)
         self.slot_listeners: list[Callable[[str, dict[str, Any]], None]] = [self.coordinator.slot_event,
-                                                                            self._rollout_event]
+                                                                            self._rollout_event, self._note_error]
         self._rollout_pending = False
 
     # ------------------------------------------------------------ lifecycle
@@ -139,12 +142,23 @@ class Node:
         self.metrics.update(sample)
 
     def stop(self) -> Deferred[Any]:
-        """Refuse the waiting requests and stop every child; fires when all have exited."""
+        """Refuse the waiting requests and stop every child; fires when all have exited
+        (then the device logs are closed: their followers end, their files are closed)."""
         self.stopping = True
         if self._discovery is not None and not self._discovery.called:
             self._discovery.cancel()
         self.coordinator.stop()
-        return DeferredList([slot.stop() for slot in self.slots.values()], consumeErrors=True)
+        stopped = DeferredList([slot.stop() for slot in self.slots.values()], consumeErrors=True)
+        return stopped.addBoth(self._close_logs)
+
+    def _close_logs(self, result: Any) -> Any:
+        for slot in self.slots.values():
+            slot.output.close()
+        return result
+
+    def _note_error(self, event: str, fields: dict[str, Any]) -> None:
+        slot = self.slots.get(fields.get("device", ""))
+        self.errors.slot_event(event, fields, None if slot is None else slot.last_error)
 
     def serving(self) -> Serving:
         """Does the node serve requests now? The one place that decides
@@ -278,7 +292,8 @@ class Node:
     def uptime_s(self) -> float:
         return self.reactor.seconds() - self._started_monotonic
 
-    def inventory_json(self) -> dict[str, Any]:
+    def devices_json(self) -> list[dict[str, Any]]:
+        """Each device: its static facts, latest metrics and child (the inventory's ``devices``)."""
         snapshots = {snap.device_id: snap for snap in self.snapshots()}
         devices = []
         for device in self.devices:
@@ -289,6 +304,41 @@ class Node:
                 "metrics": None if metrics is None else metrics.to_json(),
                 "child": None if snap is None else snap.to_json(),
             })
+        return devices
+
+    def status_json(self, link: Any = None) -> dict[str, Any]:
+        """What the status page shows, in one document (``GET /v1/node/status``); ``link``: the dispatcher link."""
+        waiting = self.coordinator.queue_json()
+        service = self.costs.service_table()
+        models = []
+        for spec in self.config.models.values():
+            queued = waiting.get(spec.name, {})
+            state = self.model_state(spec)
+            models.append({
+                "name": spec.name,
+                "state": state["state"],
+                "loaded_on": state["loaded_on"],
+                "waiting": queued.get("waiting", 0),
+                "oldest_wait_s": queued.get("oldest_wait_s"),
+                "service_s": service.get(spec.name, {}).get("seconds"),
+            })
+        return {
+            "node_id": self.node_id,
+            "version": __version__,
+            "time": time.time(),
+            "uptime_s": round(self.uptime_s(), 3),
+            "backend": None if self.backend is None else self.backend.name,
+            "serving": self.serving().to_json(),
+            "llama_server_error": self.bin_error,
+            "dispatcher": None if link is None else {"state": link.state.value},
+            "devices": self.devices_json(),
+            "models": models,
+            "switch_costs": self.costs.switch_table(),
+            "errors": self.errors.to_json(),
+        }
+
+    def inventory_json(self) -> dict[str, Any]:
+        devices = self.devices_json()
         service = self.costs.service_table()
         models = []
         for spec in self.config.models.values():

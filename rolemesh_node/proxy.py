@@ -54,6 +54,7 @@ from zope.interface import implementer
 from .coordinator import ModelRemoved, NoDevice, Rejected
 from .errors import error_body, set_error
 from .llama_server import ChildStartError
+from .metrics import NULL_METER
 from .node import Node, NotReady
 
 log = Logger()
@@ -139,6 +140,10 @@ class ProxyResource:
         for exchange in live:
             exchange.end_for_drain()
         return len(live)
+
+    def meter(self, model: str, stream: bool, started: float) -> Any:
+        """What a request tells the metrics (queue wait, first byte, tokens); a no-op without metrics."""
+        return NULL_METER if self.metrics is None else self.metrics.meter(model, stream, started, self._clock)
 
     def render(self, request: Any) -> Any:
         started = self._clock()
@@ -232,7 +237,7 @@ class _Exchange:
 
     __slots__ = ("proxy", "request", "body", "model", "ticket", "slot", "stream", "lease", "pending", "upstream",
                  "timer", "client_gone", "timed_out", "finished", "status", "started", "counted", "committed",
-                 "comment_timer")
+                 "comment_timer", "meter")
 
     def __init__(self, proxy: ProxyResource, request: Any, body: bytes, model: str, ticket: Any,
                  stream: bool, started: float) -> None:
@@ -255,6 +260,7 @@ class _Exchange:
         self.counted = False
         self.committed = False  # a 200 and SSE comments were sent while it waited
         self.comment_timer: Any = None
+        self.meter = proxy.meter(model, stream, started)
 
     def begin(self) -> None:
         self.proxy.live.add(self)
@@ -314,6 +320,7 @@ class _Exchange:
         self.pending = None
         self.lease = lease
         self.slot = lease.slot
+        self.meter.granted(self.proxy.reactor.seconds() - self.ticket.arrived)
         self._stop_comments()
         if self.client_gone:
             self._release()
@@ -381,12 +388,14 @@ class _Exchange:
         self._release()
 
     def chunk(self, data: bytes) -> None:
+        self.meter.chunk(data)
         if self.timer is not None:
             self.timer.reset(self.proxy.config.request_timeout_s)
         if not self.client_gone:
             self.request.write(data)
 
     def body_done(self, reason: Failure) -> None:
+        self.meter.done(self.status)
         self._cancel_timer()
         if self.timed_out:
             self._unresponsive()

@@ -56,6 +56,10 @@ KEY_CLASSES: Mapping[str, str] = {
     "header_read_timeout_s": LIVE,
     "client_idle_timeout_s": LIVE,
     "access_log": RESTART,
+    "child_log_lines": RESTART,  # each device's ring and log file are made at discovery
+    "log_dir": RESTART,
+    "child_log_max_bytes": RESTART,
+    "child_log_backups": RESTART,
     "max_pending_requests_per_device": LIVE,
     "max_concurrent_requests_per_device": LIVE,
     "max_request_body_bytes": LIVE,

@@ -41,6 +41,7 @@ from zope.interface import implementer
 from .accesslog import AccessLog, shows_access_lines
 from .api import NodeAPI
 from .auth import load_api_keys
+from .childlog import check_log_dir
 from .config import ConfigError, NodeConfig
 from .dispatcher import DispatcherLink, default_advertise_url
 from .drain import Drain
@@ -178,6 +179,10 @@ class NodeService(MultiService):
         self.config = config
         self.store = ConfigStore(config)
         self.reactor = reactor
+        if config.log_dir is not None:
+            problem = check_log_dir(config.log_dir)
+            if problem is not None:
+                raise ConfigError(config.source, "log_dir", problem)
         self.pool = make_pool(reactor, config)
         endpoints = LoopbackEndpoints(reactor)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
@@ -199,7 +204,8 @@ class NodeService(MultiService):
         self.proxy.metrics = self.metrics
         self.node.slot_listeners.append(self.metrics.slot_event)
         self.node.coordinator.listeners.append(self.metrics.switch_event)
-        self.api = NodeAPI(self.node, self.metrics, reload=self.reload)
+        self.dispatcher: DispatcherLink | None = None
+        self.api = NodeAPI(self.node, self.metrics, reload=self.reload, dispatcher=lambda: self.dispatcher)
         self.root = root = RootResource(self.proxy, ROUTES, self.api.resource(), keys=self.keys,
                                         on_denied=lambda request: self.metrics.auth_failures.inc())
         self.access_log = AccessLog(reactor) if shows_access_lines(config.access_log, config.log_level) else None
@@ -207,13 +213,12 @@ class NodeService(MultiService):
                               max_connections=config.max_client_connections,
                               header_timeout_s=config.header_read_timeout_s,
                               idle_timeout_s=config.client_idle_timeout_s, access_log=self.access_log,
-                              reactor=reactor)
+                              reactor=reactor, on_refusal=self._refused)
         self.listener = HttpListener(reactor, self.site, config.listen_host, config.listen_port,
                                      authenticated=bool(self.keys))
         self.listener.setServiceParent(self)
-        self.dispatcher: DispatcherLink | None = None
         if config.dispatcher_base_url:
-            self._link(config)
+            self._link(config)  # after the listener: it starts, and stops, after it
         self.drain = Drain(reactor, lambda: self.node.config.drain_timeout_s, in_flight=lambda: len(self.proxy.live),
                            end_all=self.proxy.end_for_drain, announce=self._announce)
 
@@ -231,6 +236,12 @@ class NodeService(MultiService):
     @property
     def port(self) -> int:
         return self.listener.port
+
+    def _refused(self, status: int, reason: str, message: str | None) -> None:
+        """The node answered 429/503 itself: counted by reason; a 503 is one of the recent errors."""
+        self.metrics.refused(status, reason)
+        if status == 503 and message:
+            self.node.errors.add("request", message)
 
     def startService(self) -> None:
         if self.access_log is not None:
@@ -296,7 +307,7 @@ class NodeService(MultiService):
         return self._reloaded(result)
 
     def _reloaded(self, result: ReloadResult) -> ReloadResult:
-        self.metrics.reloads.labels(result.result).inc()
+        self.metrics.reload_done(result.result)
         return result
 
     def _apply(self, old: NodeConfig, config: NodeConfig, changes: Any) -> None:

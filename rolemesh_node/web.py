@@ -4,7 +4,8 @@
   :class:`~rolemesh_node.proxy.ProxyResource` and everything else to the Klein
   app (:mod:`rolemesh_node.api`), so the hot path skips Klein's routing. It
   checks the API key (when keys are configured) on every route but
-  ``/health`` and ``/ready``.
+  ``/health``, ``/ready`` and the status page's HTML and files, which carry
+  no data (:func:`is_public`).
 * :class:`NodeRequest` caps what a request body may hold in memory: past
   ``max_request_body_bytes`` the rest is read off the wire and dropped, and the
   request is answered 413 — a huge upload cannot fill the agent's memory.
@@ -14,7 +15,9 @@
 * :class:`NodeSite` answers connections beyond ``max_client_connections``
   with a 503 and closes them, instead of serving without bound; it hands each
   finished request to its :class:`~rolemesh_node.accesslog.AccessLog` (none:
-  no access log) instead of Twisted's one log event per request.
+  no access log) instead of Twisted's one log event per request, and tells
+  ``on_refusal`` of every 429 and 503 the node answered itself (status, code,
+  message), the connection cap's included.
 """
 
 from __future__ import annotations
@@ -34,6 +37,21 @@ from .errors import error_body, set_error
 
 #: probes (a kubelet, a load balancer) call these without a key
 UNAUTHENTICATED_PATHS = frozenset({b"/health", b"/ready"})
+#: the status page's static files (no data: the page fetches it with the key)
+UI_PREFIX = b"/ui/"
+
+
+def is_public(request: Any) -> bool:
+    """Served without a key: the probes, and the status page (its HTML for a browser, its files)."""
+    path = request.path
+    if path in UNAUTHENTICATED_PATHS or path.startswith(UI_PREFIX):
+        return True
+    return path == b"/" and wants_html(request)
+
+
+def wants_html(request: Any) -> bool:
+    """A browser asking for a page (``Accept`` names ``text/html``)."""
+    return b"text/html" in (request.getHeader(b"accept") or b"")
 
 
 class _CappedBody(io.BytesIO):
@@ -117,10 +135,16 @@ class _Refuse(Protocol):
         self.transport.loseConnection()
 
 
+#: the statuses whose answers are counted by reason (``NodeSite.on_refusal``)
+REFUSALS = frozenset({429, 503})
+
+
 class NodeSite(Site):
     protocol = NodeChannel
     max_connections = 1024
     access_log: AccessLog | None = None
+    #: ``on_refusal(status, code, message)`` for each 429/503 the node gave itself (not a child's, relayed)
+    on_refusal: Callable[[int, str, str | None], None] | None = None
 
     def __init__(self, resource: Any, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -128,6 +152,8 @@ class NodeSite(Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.open_connections >= self.max_connections:
+            if self.on_refusal is not None:
+                self.on_refusal(503, "too_many_connections", None)
             refuse = _Refuse()
             refuse.factory = self
             return refuse
@@ -143,6 +169,10 @@ class NodeSite(Site):
         access_log = self.access_log
         if access_log is not None:
             access_log.add(request)
+        if request.code in REFUSALS and self.on_refusal is not None:
+            error = getattr(request, "rolemesh_error", None)
+            if error is not None and error[0]:
+                self.on_refusal(request.code, error[0], error[1])
 
 
 @implementer(IResource)
@@ -161,7 +191,7 @@ class RootResource:
 
     def render(self, request: Any) -> Any:
         path = request.path
-        if self.keys is not None and path not in UNAUTHENTICATED_PATHS \
+        if self.keys is not None and not is_public(request) \
                 and not self.keys.allows(request.getHeader(b"authorization")):
             if self.on_denied is not None:
                 self.on_denied(request)
@@ -179,10 +209,11 @@ class RootResource:
 
 
 def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_timeout_s: float,
-              idle_timeout_s: float, access_log: AccessLog | None, reactor: Any = None) -> NodeSite:
+              idle_timeout_s: float, access_log: AccessLog | None, reactor: Any = None,
+              on_refusal: Callable[[int, str, str | None], None] | None = None) -> NodeSite:
     """The node's ``Site``. ``access_log``: where each finished request goes
     (``None``: no access log); ``reactor``: the site's clock and timers (default:
-    the global reactor)."""
+    the global reactor); ``on_refusal``: told of each 429/503 the node answers."""
     request_class = type("NodeRequest", (NodeRequest,), {"max_body_bytes": max_body_bytes})
     # No form parsing: the node reads JSON bodies only, and Twisted would parse
     # every POST's Content-Type with the email package to look for forms.
@@ -193,4 +224,5 @@ def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_ti
     site.displayTracebacks = False
     site.noisy = False
     site.access_log = access_log
+    site.on_refusal = on_refusal
     return site

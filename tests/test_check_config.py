@@ -196,3 +196,14 @@ def test_cli_check_config_is_alone(tmp_path: Path) -> None:
     result = run_cli("--check-config", "node.yaml", "--config", "node.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert "not allowed with argument" in result.stderr
+
+
+def test_log_dir_is_checked_when_present(write_config: Any, tmp_path: Path) -> None:
+    absent = check_config(write_config(f"log_dir: {tmp_path / 'logs'}\n"))
+    assert absent.not_checked == (("log_dir", tmp_path / "logs"),)
+    assert not (tmp_path / "logs").exists()  # a check makes nothing
+    (tmp_path / "logs").mkdir()
+    assert check_config(write_config(f"log_dir: {tmp_path / 'logs'}\n")).not_checked == ()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"log_dir: .*a-file is not a directory"):
+        check_config(write_config(f"log_dir: {tmp_path / 'a-file'}\n"))

@@ -550,7 +550,7 @@ def test_reference_defaults_block_is_the_defaults(tmp_path: Path) -> None:
     path.write_text(block)
     c = load_config(path)
     assert c == dataclasses.replace(NodeConfig(), source=str(path))
-    assert set(yaml.safe_load(block)) | {"node_id", "state_dir", "advertise_url", "api_keys", "api_key_file",
+    assert set(yaml.safe_load(block)) | {"node_id", "state_dir", "log_dir", "advertise_url", "api_keys", "api_key_file",
                                          "llama_server_bin", "dispatcher_base_url", "dispatcher_token",
                                          "dispatcher_token_file"} == set(_documented_keys())
 

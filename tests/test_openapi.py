@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qsl
 
 import pytest
 import pytest_twisted
@@ -71,6 +72,7 @@ def schema_validator(raw_spec: dict[str, Any], name: str) -> Draft202012Validato
 def test_document_is_valid_openapi_3_1(openapi: OpenAPI, raw_spec: dict[str, Any]) -> None:
     assert raw_spec["openapi"].startswith("3.1")
     assert set(raw_spec["paths"]) == {"/health", "/ready", "/v1/models", "/v1/node/inventory", "/v1/node/reload",
+                                      "/v1/node/devices/{device}/logs", "/v1/node/status", "/", "/ui/{file}",
                                       "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 
 
@@ -206,7 +208,9 @@ class Node:
 def check_response(openapi: OpenAPI, node: Node, method: str, path: str, status: int, headers: dict[str, str],
                    body: bytes, request_body: bytes | None = None) -> None:
     """Validate one real answer against its operation in the document."""
-    request = MockRequest(node.base, method, path, data=request_body, content_type="application/json")
+    path, _, query = path.partition("?")
+    request = MockRequest(node.base, method, path, data=request_body, content_type="application/json",
+                          args=ImmutableMultiDict(parse_qsl(query)))
     content_type = headers.get("Content-Type", "")
     response = MockResponse(body, status_code=status, headers=headers, content_type=content_type)
     openapi.validate_response(request, response)
@@ -233,7 +237,7 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
     await node.start()
     try:
         # ------------------------------------------------ the node's own routes
-        for path in ("/health", "/ready", "/v1/models", "/v1/node/inventory"):
+        for path in ("/health", "/ready", "/v1/models", "/v1/node/inventory", "/v1/node/status"):
             status, headers, body = await node.call("GET", path)
             assert status == 200, (path, body)
             check_response(openapi, node, "GET", path, status, headers, body)
@@ -241,6 +245,19 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
             status, headers, body = await node.call("HEAD", path)
             assert status == 200 and body == b""
             check_response(openapi, node, "HEAD", path, status, headers, body)
+
+        status, headers, body = await node.call("GET", "/", headers={"Accept": "text/html"})
+        assert status == 200
+        check_response(openapi, node, "GET", "/", status, headers, body)
+        await node.call("POST", "/v1/embeddings", b'{"model": "ghost", "input": "x"}')  # a 503: a recent error
+        status_doc = json.loads((await node.call("GET", "/v1/node/status"))[2])
+        assert status_doc["dispatcher"]["state"] in ("registering", "registered") and status_doc["errors"]
+        node.service.node.slots["cpu:1"].output.add("alpha", 4242, 2, ["main: model loaded"])  # no child here
+        for path, status in [("/v1/node/devices/cpu:1/logs?lines=5", 200), ("/v1/node/devices/gpu:9/logs", 404),
+                             ("/v1/node/devices/cpu:0/logs?lines=x", 400)]:
+            got, headers, body = await node.call("GET", path)
+            assert got == status, (path, body)
+            check_response(openapi, node, "GET", path, got, headers, body)
 
         models_doc = json.loads((await node.call("GET", "/v1/models"))[2])
         assert {m["id"]: m["state"] for m in models_doc["data"]} == {"alpha": "available", "ghost": "unavailable"}
