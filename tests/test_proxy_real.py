@@ -86,8 +86,14 @@ async def test_openai_client_chat_completions_and_embeddings(node_service, tiny_
 
     models = await deferToThread(client.models.list)
     assert {m.id for m in models.data} == {"tiny-a", "tiny-b", "tiny-embed"}
+    model = await deferToThread(client.models.retrieve, "tiny-a")
+    assert model.id == "tiny-a" and model.object == "model" and model.owned_by == "rolemesh-node"
+    assert (await deferToThread(client.models.retrieve, "tiny")).id == "tiny-a"  # an alias finds its model
 
     import openai
+    with pytest.raises(openai.NotFoundError) as info:
+        await deferToThread(client.models.retrieve, "nope")
+    assert info.value.body["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError) as info:
         await deferToThread(client.chat.completions.create, model="nope",
                             messages=[{"role": "user", "content": "x"}])
