@@ -114,6 +114,7 @@ class NodeConfig:
     api_key_file: Path | None = None
     max_client_connections: int = 1024
     header_read_timeout_s: float = 30.0
+    body_read_timeout_s: float = 60.0
     client_idle_timeout_s: float = 120.0
     access_log: bool = True
     # request path
@@ -421,6 +422,7 @@ def _fields(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "api_key_file": _opt_path(base),
         "max_client_connections": lambda v, p: _int(v, p, lo=1),
         "header_read_timeout_s": _positive_float,
+        "body_read_timeout_s": _positive_float,
         "client_idle_timeout_s": _positive_float,
         "access_log": _bool,
         "max_pending_requests_per_device": lambda v, p: _int(v, p, lo=1),

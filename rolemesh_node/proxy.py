@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
@@ -341,6 +341,8 @@ class _Exchange:
             lower = name.lower()
             if lower not in HOP_BY_HOP and not lower.startswith(b"access-control-"):
                 out.setRawHeaders(name, values)
+        if response.length is not UNKNOWN_LENGTH:  # the client reads it as llama-server sent it, not chunked
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
         response.deliverBody(_Relay(self))
 
     def _upstream_failed(self, failure: Failure) -> None:

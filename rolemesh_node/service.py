@@ -189,6 +189,7 @@ class NodeService(MultiService):
         self.site = make_site(root, max_body_bytes=config.max_request_body_bytes,
                               max_connections=config.max_client_connections,
                               header_timeout_s=config.header_read_timeout_s,
+                              body_timeout_s=config.body_read_timeout_s,
                               idle_timeout_s=config.client_idle_timeout_s, access_log=self.access_log,
                               reactor=reactor)
         self.listener = HttpListener(reactor, self.site, config.listen_host, config.listen_port,

@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from tests.test_supervisor_real import eventually, models_config
 
@@ -111,7 +112,11 @@ async def test_response_headers_name_request_and_device(node_service, tiny_model
     assert response.headers.getRawHeaders("x-request-id") == ["abc-123"]
     assert response.headers.getRawHeaders("x-rolemesh-device") == ["cpu:0"]
     assert not response.headers.hasHeader("access-control-allow-origin")
-    await response.content()
+    body = await response.content()
+    assert response.length == len(body)  # llama-server's Content-Length kept: not re-sent chunked
+    stream = await post(service, "/v1/chat/completions", chat_body("tiny-a", stream=True))
+    assert stream.code == 200 and stream.length is UNKNOWN_LENGTH  # a stream stays chunked
+    await stream.content()
     fresh = await post(service, "/v1/chat/completions", chat_body("tiny-a"))
     assert len(fresh.headers.getRawHeaders("x-request-id")[0]) == 32
     await fresh.content()
