@@ -237,7 +237,10 @@ def _readable(sock: socket.socket) -> bool:
 @pytest_twisted.ensureDeferred
 async def test_cpu_devices_spread_concurrent_work(node_service, tiny_models, llama_server_bin):
     service = await node_service(proxy_config(tiny_models, cpu_devices=2, max_pending_requests_per_device=1))
-    body = json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": 200}).encode()
+    # Long enough that the device whose child loads first cannot finish both
+    # before the other's is ready (two loads at once on a busy machine can
+    # differ by 50 ms and more; 200 tokens took ~20 ms).
+    body = json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": 1500, "ignore_eos": True}).encode()
     results = await DeferredList([post(service, "/v1/completions", body) for _ in range(2)], consumeErrors=True)
     devices = set()
     for ok, response in results:
