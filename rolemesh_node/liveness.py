@@ -12,7 +12,9 @@ request runs:
   processing slot's task, prompt tokens processed and tokens decoded. A
   change is *progress*. Work in flight and no progress for ``stall_s``: the
   child is hung too. No answer in time only means "no news" (a long batch);
-  a build without ``/slots`` gives none, and then only ``/health`` counts.
+  a child without a usable ``/slots`` (``--no-slots``, ``--api-key``) gives
+  none: then only ``/health`` judges it, and the proxy times a request that
+  has no headers yet from its turn alone (504 after ``request_timeout_s``).
 
 A :class:`Liveness` watches one child while the device has work in flight
 (:meth:`busy` / :meth:`idle`), one check at a time, every ``interval_s`` on
@@ -37,7 +39,9 @@ log = Logger()
 #: consecutive failed /health checks that make a child hung
 FAILURES = 2
 
-#: /slots answered, but not with a list of slots (404 or 501 where the build has none)
+#: /slots answered, but not with a list of slots: not there (404, 501: --no-slots) or not for us (401:
+#: --api-key in the child's extra args). Then progress cannot be seen: only /health judges the child, and a
+#: request without headers is timed from its turn alone.
 UNSUPPORTED = "unsupported"
 
 
@@ -175,8 +179,8 @@ class Liveness:
             raise
         except Exception:
             return True, None  # a long batch: the main loop answers between two
-        if response.code != 200:
-            return True, UNSUPPORTED if response.code in (404, 501) else None
+        if response.code != 200:  # 404/501: no /slots in this build; 401: it wants a key (--api-key)
+            return True, None if response.code == 503 else UNSUPPORTED
         try:
             return True, slots_signature(json.loads(body))
         except ValueError:

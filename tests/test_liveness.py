@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
@@ -119,16 +120,29 @@ def test_no_progress_for_stall_s_with_work_in_flight_is_hung() -> None:
     assert len(hung) == 1 and "no progress" in hung[0]
 
 
-def test_slots_that_do_not_answer_are_no_news_and_a_build_without_them_is_judged_on_health() -> None:
+@pytest.mark.parametrize("status", [404, 501, 401])  # not in this build, --no-slots, --api-key
+def test_a_child_without_usable_slots_is_judged_on_health_alone(status: int) -> None:
     clock, child, hung = Clock(), Child(), []
     live = make(child, clock, hung, stall_s=3.0)
     live.busy()
-    child.slots = 404  # no /slots in this build
+    child.slots = status
     for _ in range(10):
         clock.advance(1.0)
     assert hung == [] and not live.slots_supported
     assert child.asked.count("/slots") == 1  # not asked again
     live.stop()
+
+
+def test_slots_that_do_not_answer_in_time_are_no_news() -> None:
+    clock, child, hung = Clock(), Child(), []
+    live = make(child, clock, hung, stall_s=30.0)
+    live.busy()
+    child.slots = None  # a long batch: the main loop answers between two
+    for _ in range(20):
+        clock.advance(0.5)
+    assert hung == [] and live.slots_supported and child.asked.count("/health") >= 5
+    live.stop()
+    assert not clock.getDelayedCalls()
 
 
 def test_suspect_checks_an_idle_child_until_a_check_passes() -> None:
