@@ -114,6 +114,16 @@ class NodeAPI:
         request.setHeader(b"x-request-id", request_id(request))
         return _json(request, self.node.models_json())
 
+    @app.route("/v1/models/<path:model_id>", methods=["GET"])
+    def model(self, request: Any, model_id: str) -> bytes:
+        """One model, as OpenAI's ``GET /v1/models/{model}`` (an alias finds its model too)."""
+        request.setHeader(b"x-request-id", request_id(request))
+        spec = self.node.config.resolve_model(model_id)
+        if spec is None:
+            return set_error(request, 404, f"The model {model_id[:200]!r} does not exist on this node",
+                             "model_not_found")
+        return _json(request, self.node.model_json(spec))
+
     @app.route("/v1/node/inventory", methods=["GET"])
     def inventory(self, request: Any) -> bytes:
         request.setHeader(b"x-request-id", request_id(request))

@@ -119,6 +119,7 @@ class NodeConfig:
     api_key_file: Path | None = None
     max_client_connections: int = 1024
     header_read_timeout_s: float = 30.0
+    body_read_timeout_s: float = 60.0
     client_idle_timeout_s: float = 120.0
     access_log: bool = True
     # request path
@@ -129,6 +130,10 @@ class NodeConfig:
     max_concurrent_requests_per_device: int = None  # type: ignore[assignment]
     max_request_body_bytes: int = 10 * 1024 * 1024
     request_timeout_s: float = 600.0
+    # liveness of a child with work in flight (liveness.py): /health every
+    # liveness_interval_s, answered within liveness_timeout_s
+    liveness_interval_s: float = 5.0
+    liveness_timeout_s: float = 3.0
     # scheduling: how long requests for a model no device holds may wait before a
     # busy device switches to it; None derives it from the measured switch cost
     # (scheduler.SwitchPolicy: 5 x the switch, within 1..60 s)
@@ -433,12 +438,15 @@ def _fields(base: Path) -> dict[str, Callable[[Any, str], Any]]:
         "api_key_file": _opt_path(base),
         "max_client_connections": lambda v, p: _int(v, p, lo=1),
         "header_read_timeout_s": _positive_float,
+        "body_read_timeout_s": _positive_float,
         "client_idle_timeout_s": _positive_float,
         "access_log": _bool,
         "max_pending_requests_per_device": lambda v, p: _int(v, p, lo=1),
         "max_concurrent_requests_per_device": lambda v, p: _int(v, p, lo=1),
         "max_request_body_bytes": lambda v, p: _int(v, p, lo=1024),
         "request_timeout_s": _positive_float,
+        "liveness_interval_s": _positive_float,
+        "liveness_timeout_s": _positive_float,
         "max_switch_wait_s": _opt_seconds,
         "drain_timeout_s": _positive_float,
         "dispatcher_base_url": _url,

@@ -154,6 +154,29 @@ class Coordinator:
         self.pump()
         return ticket
 
+    def requeue(self, model: str, arrived: float) -> Ticket:
+        """A request that was granted a place but never reached its child (the
+        connection was refused: the child had just died) waits again, first in
+        its model's line, with its arrival time kept. It was admitted once, so
+        the waiting bound does not apply; it cannot run twice, since nothing
+        was sent. If no device can take the model any more, the next decision
+        refuses it like the others (503)."""
+        ticket = Ticket(self, model, arrived)
+        if self._stopped:
+            ticket.d.errback(ChildStartError("-", model, "the agent is stopping"))
+            return ticket
+        queue = self.queues.get(model)
+        if not queue:
+            slot = self._ready_holder(model)
+            if slot is not None:
+                ticket.d.callback(slot.grant(model))
+                return ticket
+        if queue is None:
+            queue = self.queues[model] = collections.deque()
+        queue.appendleft(ticket)
+        self.pump()
+        return ticket
+
     def _ready_holder(self, model: str) -> Any:
         """A ready device serving ``model`` with room (the one with the fewest in flight)."""
         best = None

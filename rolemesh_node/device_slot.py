@@ -47,6 +47,7 @@ from .childlog import DeviceLog
 from .config import ModelSpec, NodeConfig
 from .crashes import CrashTracker
 from .devices.base import Backend, DeviceRef
+from .liveness import Liveness
 from .llama_server import (
     ChildStartError,
     ChildState,
@@ -177,6 +178,10 @@ class Lease:
     def port(self) -> int:
         return self.child.port
 
+    def progress_at(self) -> float | None:
+        """When its child last showed progress (reactor seconds; None: not watched)."""
+        return self.slot._progress_at(self.child)
+
     def when_running(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` now if running, else once it is (never after release)."""
         if self.released:
@@ -239,6 +244,8 @@ class DeviceSlot:
         self._state: State = Idle()
         self.last_child: LlamaServerChild | None = None
         self.leases: collections.deque[Lease] = collections.deque()  # in flight, in grant order
+        self._liveness: Liveness | None = None  # on the child that serves, while ready or draining
+        self._watched: LlamaServerChild | None = None  # that child
         self.last_exit: str | None = None
         self.last_error: str | None = None
         self.starts = 0
@@ -299,6 +306,7 @@ class DeviceSlot:
         if new.phase not in TRANSITIONS[old.phase]:
             raise SlotError(f"device {self.id}: {old.phase.value} -> {new.phase.value} is not a transition")
         self._state = new
+        self._watch(new.child if isinstance(new, (Ready, Draining)) else None)
         self.idle_since = self.reactor.seconds() if isinstance(new, Ready) and not self.leases else None
         if isinstance(new, Failed):
             self.last_error = new.error
@@ -321,6 +329,8 @@ class DeviceSlot:
         lease = Lease(self, state.child, model)
         self.leases.append(lease)
         self._mark_running()
+        if self._liveness is not None:
+            self._liveness.busy()
         return lease
 
     def _mark_running(self) -> None:
@@ -336,6 +346,8 @@ class DeviceSlot:
         state = self._state
         if isinstance(state, Draining) and state.forced and not self.leases:
             self._finish_drain(state)
+        if not self.leases and self._liveness is not None:
+            self._liveness.idle()
         if not self.leases and isinstance(self._state, Ready):
             self.idle_since = self.reactor.seconds()
         held = None if lease.running_at is None else self.reactor.seconds() - lease.running_at
@@ -547,11 +559,42 @@ class DeviceSlot:
         self._emit("crash", model=child.model)
         self._count_failure(child.model, info.describe())
 
+    # ------------------------------------------------------------ liveness
+
+    def _watch(self, child: LlamaServerChild | None) -> None:
+        """Keep a :class:`~rolemesh_node.liveness.Liveness` on the child that serves (ready or draining)."""
+        if self._watched is child:
+            return
+        if self._liveness is not None:
+            self._liveness.stop()
+        self._liveness, self._watched = None, child
+        if child is None:
+            return
+        config = self.config
+        self._liveness = Liveness(
+            clock=self.reactor, http=self.http, port=child.port, interval_s=config.liveness_interval_s,
+            timeout_s=config.liveness_timeout_s, stall_s=config.request_timeout_s,
+            on_hung=lambda reason: self.child_unresponsive(child, reason), name=f"{self.id} {child.model}")
+        if self.leases:
+            self._liveness.busy()
+
+    def _progress_at(self, child: LlamaServerChild) -> float | None:
+        if self._liveness is None or self._watched is not child:
+            return None
+        return self._liveness.progress_at
+
+    def suspect(self, child: LlamaServerChild) -> None:
+        """A request ran out of time on ``child``: check its liveness now (it is replaced if hung)."""
+        if self._liveness is not None and self._watched is child:
+            self._liveness.suspect()
+
     def child_unresponsive(self, child: LlamaServerChild, reason: str) -> None:
-        """A request timed out on ``child``: take it for hung and replace it.
+        """``child`` failed its liveness check: take it for hung and replace it.
 
         It is SIGKILLed (SIGTERM would wait behind a SIGSTOP); its exit is then
-        handled as a crash, so the next request starts a fresh child.
+        handled as a crash (it counts towards the crash cooldown), so the next
+        request starts a fresh child. A request that merely runs long never
+        gets here (see :mod:`rolemesh_node.liveness`).
         """
         if child is not self.child or child.state is not ChildState.READY:
             return

@@ -4,6 +4,11 @@ A generated id is ``<hostname>-<8 hex>`` and lives in ``<state_dir>/node_id`` so
 that it survives restarts (the dispatcher keys its records on it). The state
 directory defaults to ``$XDG_STATE_HOME/rolemesh-node`` (``~/.local/state/…``),
 or ``/var/lib/rolemesh-node`` when running as root. Read once at start.
+
+An id that can neither be read from nor written to the state directory is a
+config error (the node refuses to start, exit 2): a node that took a new id on
+every start would show up at the dispatcher as a new node each time. A
+read-only state directory that already holds the id is fine.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import secrets
 import socket
 from pathlib import Path
 
-from .config import NodeConfig
+from .config import ConfigError, NodeConfig
 
 
 def default_state_dir() -> Path:
@@ -29,7 +34,10 @@ def state_dir(config: NodeConfig) -> Path:
 
 
 def node_id(config: NodeConfig) -> str:
-    """The configured id, or the one kept in the state directory (made on first use)."""
+    """The configured id, or the one kept in the state directory (made on first use).
+
+    Raises :class:`ConfigError` (``state_dir``) when no id is configured and
+    none can be read from or written to the state directory."""
     if config.node_id:
         return config.node_id
     directory = state_dir(config)
@@ -38,15 +46,23 @@ def node_id(config: NodeConfig) -> str:
         text = path.read_text(encoding="utf-8").strip()
         if text:
             return text
-    except OSError:
-        pass
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not made yet
+    except OSError as exc:
+        raise _unusable(config, directory, f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname() or "node")[:64]
     new = f"{host}-{secrets.token_hex(4)}"
+    tmp = path.with_suffix(".tmp")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         tmp.write_text(new + "\n", encoding="utf-8")
         os.replace(tmp, path)
-    except OSError:
-        pass  # not persisted: the caller logs the id it got; a restart makes a new one
+    except OSError as exc:
+        raise _unusable(config, directory, f"cannot write {path}: {exc.strerror or type(exc).__name__}") from None
     return new
+
+
+def _unusable(config: NodeConfig, directory: Path, why: str) -> ConfigError:
+    key = "state_dir" if config.state_dir is not None else f"state_dir (default {directory})"
+    return ConfigError(config.source, key, f"{why}; the generated node_id could not be kept, so it would change "
+                       "on every start: make the directory writable, or set node_id (or ROLEMESH_NODE_ID)")

@@ -266,6 +266,15 @@ class LlamaServerChild(ProcessProtocol):
                 self._fail_start("stopped before it was ready")
         return d
 
+    def when_exited(self) -> Deferred[ExitInfo]:
+        """A new Deferred that fires when the process has exited (it sends no signal)."""
+        if self.state is ChildState.EXITED:
+            assert self.exit is not None
+            return succeed(self.exit)
+        d: Deferred[ExitInfo] = Deferred()
+        self._exit_waiters.append(d)
+        return d
+
     def kill(self) -> None:
         """SIGKILL now (used after a startup timeout)."""
         self._signal("KILL")

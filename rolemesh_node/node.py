@@ -256,10 +256,18 @@ class Node:
 
     # ------------------------------------------------------------ reporting
 
-    def model_state(self, spec: ModelSpec) -> dict[str, Any]:
-        devices = [s.id for s in self.slots.values()
+    def model_state(self, spec: ModelSpec, snapshots: list[DeviceSnapshot] | None = None) -> dict[str, Any]:
+        """Where ``spec`` stands on this node: ``state``, ``available``, ``loaded_on``, and ``cooldown``
+        (when it is in crash cooldown on some device: until when, why, where).
+
+        ``cooldown`` is the state when it is in cooldown on every device and
+        loaded on none: requests for it get 503 ``no_device`` until ``until``."""
+        if snapshots is None:
+            snapshots = self.snapshots()
+        devices = [s.device_id for s in snapshots
                    if s.model == spec.name and s.phase in (Phase.READY, Phase.DRAINING)]
-        starting = [s.id for s in self.slots.values() if s.model == spec.name and s.phase is Phase.STARTING]
+        starting = any(s.model == spec.name and s.phase is Phase.STARTING for s in snapshots)
+        cooling = [(c, s.device_id) for s in snapshots for c in s.cooldowns if c.model == spec.name]
         available, _ = self.files.check(spec)
         if not available:
             state = "unavailable"
@@ -267,34 +275,44 @@ class Node:
             state = "loaded"
         elif starting:
             state = "loading"
+        elif cooling and len({dev for _, dev in cooling}) == len(snapshots):
+            state = "cooldown"
         else:
             state = "available"
-        return {"state": state, "available": available, "loaded_on": devices}
+        doc: dict[str, Any] = {"state": state, "available": available, "loaded_on": devices}
+        if cooling:
+            first = min(cooling, key=lambda item: item[0].until)[0]
+            doc["cooldown"] = {"until": first.until, "reason": first.reason,
+                               "devices": sorted(dev for _, dev in cooling)}
+        return doc
+
+    def model_json(self, spec: ModelSpec, snapshots: list[DeviceSnapshot] | None = None) -> dict[str, Any]:
+        """One model, OpenAI style (``object: model``), with its state here."""
+        entry = {
+            "id": spec.name,
+            "object": "model",
+            "created": int(self.started_at),
+            "owned_by": "rolemesh-node",
+            "aliases": list(spec.aliases),
+            "embedding": spec.embedding,
+            **self.model_state(spec, snapshots),
+        }
+        if not entry["available"]:
+            entry["reason"] = f"model file {spec.path} is missing or unreadable"
+        return entry
 
     def models_json(self) -> dict[str, Any]:
-        data = []
-        created = int(self.started_at)
-        for spec in self.config.models.values():
-            entry = {
-                "id": spec.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "rolemesh-node",
-                "aliases": list(spec.aliases),
-                "embedding": spec.embedding,
-                **self.model_state(spec),
-            }
-            if not entry["available"]:
-                entry["reason"] = f"model file {spec.path} is missing or unreadable"
-            data.append(entry)
-        return {"object": "list", "data": data}
+        snapshots = self.snapshots()
+        return {"object": "list", "data": [self.model_json(spec, snapshots) for spec in self.config.models.values()]}
 
     def uptime_s(self) -> float:
         return self.reactor.seconds() - self._started_monotonic
 
-    def devices_json(self) -> list[dict[str, Any]]:
+    def devices_json(self, snapshot_list: list[DeviceSnapshot] | None = None) -> list[dict[str, Any]]:
         """Each device: its static facts, latest metrics and child (the inventory's ``devices``)."""
-        snapshots = {snap.device_id: snap for snap in self.snapshots()}
+        if snapshot_list is None:
+            snapshot_list = self.snapshots()
+        snapshots = {snap.device_id: snap for snap in snapshot_list}
         devices = []
         for device in self.devices:
             metrics = self.metrics.get(device.id)
@@ -310,10 +328,11 @@ class Node:
         """What the status page shows, in one document (``GET /v1/node/status``); ``link``: the dispatcher link."""
         waiting = self.coordinator.queue_json()
         service = self.costs.service_table()
+        snapshot_list = self.snapshots()
         models = []
         for spec in self.config.models.values():
             queued = waiting.get(spec.name, {})
-            state = self.model_state(spec)
+            state = self.model_state(spec, snapshot_list)
             models.append({
                 "name": spec.name,
                 "state": state["state"],
@@ -331,14 +350,15 @@ class Node:
             "serving": self.serving().to_json(),
             "llama_server_error": self.bin_error,
             "dispatcher": None if link is None else {"state": link.state.value},
-            "devices": self.devices_json(),
+            "devices": self.devices_json(snapshot_list),
             "models": models,
             "switch_costs": self.costs.switch_table(),
             "errors": self.errors.to_json(),
         }
 
     def inventory_json(self) -> dict[str, Any]:
-        devices = self.devices_json()
+        snapshot_list = self.snapshots()
+        devices = self.devices_json(snapshot_list)
         service = self.costs.service_table()
         models = []
         for spec in self.config.models.values():
@@ -352,7 +372,7 @@ class Node:
                 "ttl_s": spec.ttl_s,
                 "waiting": self.coordinator.waiting(spec.name),
                 "service_s": service.get(spec.name, {}).get("seconds"),
-                **self.model_state(spec),
+                **self.model_state(spec, snapshot_list),
             })
         return {
             "node_id": self.node_id,

@@ -7,23 +7,29 @@ objects). The request body is parsed once (to find the model) and forwarded as
 the same bytes; the response body is relayed chunk by chunk as it arrives —
 never collected, never re-encoded.
 
-Per request (:class:`_Exchange`):
+Per request, an :class:`_Exchange` — a state machine (``queued → sent →
+relaying → done``, and ``held``, ``rebinding``; the table is
+``EXCHANGE_TRANSITIONS``, ``_Exchange._enter`` the one place it changes):
 
 1. validate → ``node.submit`` (429 at once when the model's waiting bound is
-   reached, 503 when no device can serve it); the request then waits
-   node-wide until the scheduler gives it a device (a streamed request gets
-   an SSE comment every ``WAIT_COMMENT_S`` while it waits, which commits its
-   200: a later failure reaches it as an SSE error event);
-2. POST to ``127.0.0.1:<child port>``; no headers within
-   ``request_timeout_s`` (counted from when the child has a slot for it,
-   see :class:`~rolemesh_node.device_slot.Lease`) → 504; refused or reset → 502;
-3. relay status, headers and body; the relay is registered as the client
-   request's producer, so a slow client pauses the upstream;
+   reached, 503 when no device can serve it); *queued* node-wide until the
+   scheduler gives it a device (a streamed request gets an SSE comment every
+   ``WAIT_COMMENT_S`` while it waits, which commits its 200: a later failure
+   reaches it as an SSE error event);
+2. *sent*: POST to ``127.0.0.1:<child port>``. ``request_timeout_s`` without
+   progress (counted from its turn in the child, see
+   :class:`~rolemesh_node.device_slot.Lease`; progress before headers is the
+   child's, from :mod:`rolemesh_node.liveness`) → 504 for this request only;
+   reset → 502; refused by a child that just died → *rebinding*, then
+   *queued* again for its replacement (nothing was sent);
+3. *relaying*: status, headers (a plain answer keeps its Content-Length) and
+   body; the relay is registered as the client request's producer, so a slow
+   client pauses the upstream;
 4. a client that disconnects cancels whatever is pending (queue place,
-   upstream request, or the body transfer) and the device slot is released —
+   upstream request, or the body transfer) and the place is released —
    except a non-streamed request already sent to the child: llama-server
-   computes it to the end anyway, so its place is held until the answer
-   comes (and is dropped);
+   computes it to the end anyway, so it is *held* until the answer comes
+   (and is dropped) — as is one that got 504;
 5. an upstream that fails mid-body ends an SSE stream with an error event,
    or aborts a plain response (its length can no longer be honoured);
 6. while the node drains before stopping (:mod:`rolemesh_node.drain`), new
@@ -37,17 +43,19 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
+from typing import Any, Union
 
-from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.defer import CancelledError, fail, succeed
+from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
@@ -79,6 +87,9 @@ _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 WAIT_COMMENT_S = 2.0
 #: at most this much of a child's error answer is read to pass it on as an SSE error event
 ERROR_BODY_MAX = 64 * 1024
+#: a child that refused a request's connection is given this long to be seen exiting (then the request
+#: waits again for its replacement); a child that refuses and lives on gets the request 502
+REBIND_WAIT_S = 1.0
 
 
 @implementer(IBodyProducer)
@@ -208,12 +219,13 @@ class ProxyResource:
 class _Relay(Protocol):
     """Receives the upstream body; produces it into the client request."""
 
+    __slots__ = ("exchange",)
+
     def __init__(self, exchange: "_Exchange") -> None:
         self.exchange = exchange
 
     def connectionMade(self) -> None:
-        self.exchange.upstream = self.transport
-        self.exchange.request.registerProducer(self, True)
+        self.exchange.relay_started(self.transport, self)
 
     def dataReceived(self, data: bytes) -> None:
         self.exchange.chunk(data)
@@ -232,12 +244,102 @@ class _Relay(Protocol):
         self.transport.stopProducing()
 
 
-class _Exchange:
-    """One proxied request, from its wait for a device to the last byte."""
+# ------------------------------------------------------------------ the states
+#
+# Each state holds what belongs to it — the ticket and the comment timer while
+# queued, the lease, the pending upstream call and the deadline once sent — so
+# leaving a state is where its timers are cancelled (``_Exchange._enter``).
 
-    __slots__ = ("proxy", "request", "body", "model", "ticket", "slot", "stream", "lease", "pending", "upstream",
-                 "timer", "client_gone", "timed_out", "finished", "status", "started", "counted", "committed",
-                 "comment_timer", "meter")
+
+@dataclass(slots=True, eq=False)
+class Queued:
+    """Waiting node-wide for a device (the coordinator's ticket)."""
+
+    ticket: Any
+    comments: Any = None  # the next SSE waiting comment (a streamed request)
+    name = "queued"
+
+
+@dataclass(slots=True, eq=False)
+class Sent:
+    """Sent to the child; no response headers yet."""
+
+    lease: Any
+    pending: Any = None  # the Agent's Deferred of the response
+    deadline: Any = None  # the next look at its progress (from its turn in the child)
+    turn_at: float | None = None
+    name = "sent"
+
+
+@dataclass(slots=True, eq=False)
+class Relaying:
+    """The child's answer is being relayed to the client."""
+
+    lease: Any
+    upstream: Any = None  # the response body's transport
+    producer: Any = None  # what is registered as the client request's producer
+    deadline: Any = None
+    chunks_seen: int = 0
+    last_progress: float = 0.0
+    name = "relaying"
+
+
+@dataclass(slots=True, eq=False)
+class Rebinding:
+    """The child refused the connection (nothing was sent): waiting to see it exit, then wait again."""
+
+    lease: Any
+    exited: Any = None  # the child's exit, bounded by REBIND_WAIT_S
+    name = "rebinding"
+
+
+@dataclass(slots=True, eq=False)
+class Held:
+    """The client has its answer (504) or left; the child still works on the request, so its place is kept."""
+
+    lease: Any
+    pending: Any = None
+    deadline: Any = None
+    turn_at: float | None = None
+    name = "held"
+
+
+@dataclass(slots=True, eq=False)
+class Done:
+    name = "done"
+
+
+ExchangeState = Union[Queued, Sent, Relaying, Rebinding, Held, Done]
+
+#: every transition an exchange may make
+EXCHANGE_TRANSITIONS: dict[type, frozenset[type]] = {
+    Queued: frozenset({Sent, Done}),
+    Sent: frozenset({Relaying, Held, Rebinding, Done}),
+    Rebinding: frozenset({Queued, Done}),
+    Relaying: frozenset({Done}),
+    Held: frozenset({Done}),
+    Done: frozenset(),
+}
+
+
+class _Exchange:
+    """One proxied request, from its wait for a device to the last byte: a state machine.
+
+    ::
+
+        queued ──► sent ──► relaying ──► done
+          │  ▲      │ │                   ▲
+          │  │      │ └──► held ──────────┤   (client left / 504 on a plain request: the child still works)
+          │  └─ rebinding ◄┘ (refused)    │
+          └───────────────────────────────┘   (refused, client left, error)
+
+    The client side is two facts beside the state: ``client_gone`` (its
+    connection closed first) and ``committed`` (a 200 and SSE comments went
+    out while it waited, so any later error is an SSE event).
+    """
+
+    __slots__ = ("proxy", "request", "body", "model", "stream", "started", "arrived", "state", "slot", "status",
+                 "client_gone", "committed", "chunks", "rebound", "meter")
 
     def __init__(self, proxy: ProxyResource, request: Any, body: bytes, model: str, ticket: Any,
                  stream: bool, started: float) -> None:
@@ -245,38 +347,57 @@ class _Exchange:
         self.request = request
         self.body = body
         self.model = model
-        self.ticket = ticket
-        self.slot: Any = None
         self.stream = stream
-        self.lease: Any = None
-        self.pending: Any = None
-        self.upstream: Any = None
-        self.timer: Any = None
-        self.client_gone = False
-        self.timed_out = False
-        self.finished = False
-        self.status = 0
         self.started = started
-        self.counted = False
-        self.committed = False  # a 200 and SSE comments were sent while it waited
-        self.comment_timer: Any = None
-        self.meter = proxy.meter(model, stream, started)
+        self.arrived = ticket.arrived
+        self.state: ExchangeState = Queued(ticket)
+        self.slot: Any = None
+        self.status = 0
+        self.client_gone = False
+        self.committed = False
+        self.chunks = 0  # relayed chunks: the deadline reads it, nothing is re-armed per chunk
+        self.rebound = False
+        self.meter = proxy.meter(model, stream, started)  # queue wait, first byte, tokens (metrics)
+
+    # ------------------------------------------------------------ the table
+
+    def _enter(self, new: ExchangeState) -> None:
+        """The one place where the state changes: what the old state held is let go."""
+        old = self.state
+        if type(new) not in EXCHANGE_TRANSITIONS[type(old)]:
+            raise RuntimeError(f"request for {self.model}: {old.name} -> {new.name} is not a transition")
+        self.state = new
+        comments = getattr(old, "comments", None)
+        if comments is not None and comments.active():
+            comments.cancel()
+        deadline = getattr(old, "deadline", None)
+        if deadline is not None and deadline.active() and getattr(new, "deadline", None) is not deadline:
+            deadline.cancel()
+        lease = getattr(old, "lease", None)
+        if lease is not None and getattr(new, "lease", None) is not lease:
+            lease.release()
+        if isinstance(new, Done):
+            self._count()
 
     def begin(self) -> None:
         self.proxy.live.add(self)
         self.request.notifyFinish().addErrback(self._client_lost)
-        self.pending = self.ticket.d
-        if self.stream and not self.pending.called:
-            self.comment_timer = self.proxy.reactor.callLater(WAIT_COMMENT_S, self._comment)
-        self.pending.addCallbacks(self._granted, self._refused)
+        self._wait(self.state)
+
+    def _wait(self, state: Queued) -> None:
+        d = state.ticket.d
+        if self.stream and not d.called:
+            state.comments = self.proxy.reactor.callLater(WAIT_COMMENT_S, self._comment)
+        d.addCallbacks(self._granted, self._refused)
 
     # ---------------------------------------------------------------- queue
 
     def _comment(self) -> None:
         """Still waiting for a device: tell the (streaming) client what for."""
-        self.comment_timer = None
-        if self.lease is not None or self.client_gone or self.finished:
+        state = self.state
+        if not isinstance(state, Queued):
             return
+        state.comments = None
         request = self.request
         if not self.committed:
             self.committed = True
@@ -284,23 +405,19 @@ class _Exchange:
             request.setResponseCode(200)
             request.setHeader(b"content-type", b"text/event-stream")
             request.setHeader(b"cache-control", b"no-cache")
-        text = self.proxy.node.coordinator.describe_wait(self.ticket)
+        text = self.proxy.node.coordinator.describe_wait(state.ticket)
         request.write(b": " + text.encode("utf-8", "replace") + b"\n\n")
-        self.comment_timer = self.proxy.reactor.callLater(WAIT_COMMENT_S, self._comment)
-
-    def _stop_comments(self) -> None:
-        if self.comment_timer is not None:
-            if self.comment_timer.active():
-                self.comment_timer.cancel()
-            self.comment_timer = None
+        state.comments = self.proxy.reactor.callLater(WAIT_COMMENT_S, self._comment)
 
     def _refused(self, failure: Failure) -> None:
-        self.pending = None
-        self._stop_comments()
-        if failure.check(CancelledError) or self.client_gone:
-            self.client_gone = True
-            self._count()
-            return
+        if not isinstance(self.state, Queued):
+            return  # cancelled on the way out
+        if failure.check(CancelledError):
+            self._enter(Done())
+        else:
+            self._refuse(failure)
+
+    def _refuse(self, failure: Failure) -> None:
         if failure.check(NoDevice):
             self._error(503, str(failure.value), "no_device")
         elif failure.check(ModelRemoved):
@@ -314,17 +431,14 @@ class _Exchange:
         else:
             log.failure("request for {model} failed before reaching a child", failure, model=self.model)
             self._error(500, f"internal error: {failure.getErrorMessage()}", "internal_error")
-        self._count()
+        self._enter(Done())
 
     def _granted(self, lease: Any) -> None:
-        self.pending = None
-        self.lease = lease
-        self.slot = lease.slot
-        self.meter.granted(self.proxy.reactor.seconds() - self.ticket.arrived)
-        self._stop_comments()
-        if self.client_gone:
-            self._release()
+        if not isinstance(self.state, Queued):
+            lease.release()
             return
+        self.slot = lease.slot
+        self.meter.granted(self.proxy.reactor.seconds() - self.arrived)
         request = self.request
         if not self.committed:
             request.setHeader(b"x-rolemesh-device", self.slot.id.encode())
@@ -334,184 +448,275 @@ class _Exchange:
             b"x-request-id": [request.responseHeaders.getRawHeaders(b"x-request-id")[0]],
         })
         url = b"http://127.0.0.1:%d%s" % (lease.port, request.path)
-        # The timeout counts from when the child has a slot for this request,
+        state = Sent(lease)
+        self._enter(state)
+        # The deadline counts from when the child has a slot for this request,
         # not while it waits inside the child behind another one.
-        lease.when_running(self._arm_timer)
+        lease.when_running(self._turn)
         agent = self.proxy.stream_agent if self.stream else self.proxy.agent
-        self.pending = agent.request(b"POST", url, headers, BytesProducer(self.body))
-        self.pending.addCallbacks(self._response, self._upstream_failed)
+        state.pending = agent.request(b"POST", url, headers, BytesProducer(self.body))
+        state.pending.addCallbacks(self._response, self._upstream_failed)
 
-    def _arm_timer(self) -> None:
-        # also for a request whose client left: its place is held while the
-        # child works on it, and a child that hangs on it must still be found
-        if not (self.finished or self.timed_out) and self.timer is None:
-            self.timer = self.proxy.reactor.callLater(self.proxy.config.request_timeout_s, self._timeout)
+    # ------------------------------------------------------------ deadlines
+
+    def _turn(self) -> None:
+        state = self.state
+        if isinstance(state, (Sent, Held)) and state.turn_at is None:
+            state.turn_at = self.proxy.reactor.seconds()
+            self._look(state)
+
+    def _look(self, state: Any) -> None:
+        """Has it gone ``request_timeout_s`` without progress? (Looked at lazily, never per chunk.)
+
+        Sent or held (no headers yet): progress is its child's, from the
+        liveness check's ``/slots`` reading. Relaying: chunks relayed since the
+        last look (looked at every quarter of the timeout)."""
+        if self.state is not state:
+            return
+        reactor, timeout = self.proxy.reactor, self.proxy.config.request_timeout_s
+        now = reactor.seconds()
+        if isinstance(state, Relaying):
+            if self.chunks != state.chunks_seen:
+                state.chunks_seen, state.last_progress = self.chunks, now
+            left = state.last_progress + timeout - now
+            period = min(left, timeout / 4)
+        else:
+            progress = state.lease.progress_at()
+            last = state.turn_at if progress is None else max(state.turn_at, progress)
+            period = left = last + timeout - now
+        if left <= 0:
+            state.deadline = None
+            self._timed_out(state)
+        else:
+            state.deadline = reactor.callLater(period, self._look, state)
+
+    def _timed_out(self, state: Any) -> None:
+        """``request_timeout_s`` without progress: only this request ends (504); the child is checked, not killed."""
+        self.slot.suspect(state.lease.child)
+        if isinstance(state, Held):  # nobody waits for it any more: stop booking it
+            log.warn("device {device}: dropping the place of a request for {model} held without progress "
+                     "for request_timeout_s", device=self.slot.id, model=self.model)
+            pending = state.pending
+            self._enter(Done())
+            if pending is not None:
+                pending.cancel()
+            return
+        message = (f"the llama-server for model {self.model!r} on device {self.slot.id} made no progress on this "
+                   f"request within request_timeout_s={self.proxy.config.request_timeout_s:g}s")
+        if isinstance(state, Relaying):
+            self._enter(Done())
+            self._relay_failed(state, "timed out")
+            if state.upstream is not None:
+                state.upstream.stopProducing()
+            return
+        # Sent: no headers yet
+        if not self.client_gone:
+            self._error(504, message, "upstream_timeout")
+        if self.stream:  # closing the connection cancels a stream at its next token
+            self._enter(Done())
+            state.pending.cancel()
+        else:  # llama-server computes it to the end anyway: keep its place until it has
+            held = Held(state.lease, state.pending, turn_at=self.proxy.reactor.seconds())
+            self._enter(held)
+            self._look(held)
 
     # ------------------------------------------------------------- upstream
 
     def _response(self, response: Any) -> None:
-        self.pending = None
-        if self.client_gone:
-            self._cancel_timer()
+        state = self.state
+        if not isinstance(state, Sent):
             response.deliverBody(_Discard())
-            self._release()
+            if isinstance(state, Held):
+                self._enter(Done())
             return
-        request = self.request
-        if self.committed:
-            if response.code == 200:  # the head went out with the first comment
-                response.deliverBody(_Relay(self))
-            else:
-                response.deliverBody(_ErrorEvent(self, response.code))
-            return
-        self.status = response.code
-        request.setResponseCode(response.code, response.phrase)
-        out = request.responseHeaders
-        for name, values in response.headers.getAllRawHeaders():
-            lower = name.lower()
-            if lower not in HOP_BY_HOP and not lower.startswith(b"access-control-"):
-                out.setRawHeaders(name, values)
-        response.deliverBody(_Relay(self))
+        relaying = Relaying(state.lease, last_progress=self.proxy.reactor.seconds())
+        self._enter(relaying)
+        if self.committed:  # the head went out with the first comment
+            response.deliverBody(_Relay(self) if response.code == 200 else _ErrorEvent(self, response.code))
+        else:
+            self.status = response.code
+            request = self.request
+            request.setResponseCode(response.code, response.phrase)
+            out = request.responseHeaders
+            for name, values in response.headers.getAllRawHeaders():
+                lower = name.lower()
+                if lower not in HOP_BY_HOP and not lower.startswith(b"access-control-"):
+                    out.setRawHeaders(name, values)
+            if response.length is not UNKNOWN_LENGTH:  # the client reads it as llama-server sent it, not chunked
+                out.setRawHeaders(b"content-length", [b"%d" % response.length])
+            response.deliverBody(_Relay(self))
+        self._look(relaying)
 
     def _upstream_failed(self, failure: Failure) -> None:
-        self.pending = None
-        self._cancel_timer()
-        if self.timed_out:
-            self._unresponsive()
-        if not self.client_gone:
-            if self.timed_out:
-                self._error(504, f"the llama-server for model {self.model!r} on device {self.slot.id} "
-                            f"did not answer within request_timeout_s={self.proxy.config.request_timeout_s:g}s",
-                            "upstream_timeout")
-            else:
-                self._error(502, f"the llama-server for model {self.model!r} on device {self.slot.id} "
-                            f"failed: {_describe(failure)}", "upstream_failed")
-        self._release()
+        state = self.state
+        if isinstance(state, Held):
+            self._enter(Done())
+        if not isinstance(state, Sent):
+            return  # cancelled by a timeout or a client that left
+        if failure.check(ConnectError) and not self.rebound:
+            self._rebind(state)
+            return
+        self._error(502, f"the llama-server for model {self.model!r} on device {self.slot.id} "
+                    f"failed: {_describe(failure)}", "upstream_failed")
+        self._enter(Done())
+
+    def _rebind(self, state: Sent) -> None:
+        """Refused: the request never reached the child. If the child has died
+        (it is seen exiting within REBIND_WAIT_S), the request waits again for its
+        replacement instead of failing; it cannot run twice. Else 502."""
+        self.rebound = True
+        child = state.lease.child
+        when_exited = getattr(child, "when_exited", None)
+        exited = when_exited() if when_exited is not None else fail(ConnectError("the child did not exit"))
+        rebinding = Rebinding(state.lease, exited)
+        self._enter(rebinding)
+        exited.addTimeout(REBIND_WAIT_S, self.proxy.reactor)
+        # requeued on the next turn of the reactor: the device notes the exit after its waiters
+        exited.addCallbacks(lambda _: self.proxy.reactor.callLater(0, self._requeue, rebinding), self._not_rebound,
+                            errbackArgs=(rebinding,))
+
+    def _requeue(self, rebinding: Rebinding) -> None:
+        if self.state is not rebinding:
+            return
+        log.info("request for {model}: device {device}'s child died before it got the request; waiting again",
+                 model=self.model, device=self.slot.id)
+        queued = Queued(self.proxy.node.coordinator.requeue(self.model, self.arrived))
+        self._enter(queued)
+        self._wait(queued)
+
+    def _not_rebound(self, failure: Failure, rebinding: Rebinding) -> None:
+        if self.state is not rebinding:
+            return
+        self._error(502, f"the llama-server for model {self.model!r} on device {self.slot.id} refused the "
+                    "connection", "upstream_failed")
+        self._enter(Done())
+
+    def relay_started(self, transport: Any, relay: Any) -> None:
+        state = self.state
+        if isinstance(state, Relaying):
+            state.upstream = transport
+            if not self.client_gone and relay is not None:
+                state.producer = relay
+                self.request.registerProducer(relay, True)
+        else:
+            transport.stopProducing()
 
     def chunk(self, data: bytes) -> None:
+        self.chunks += 1
         self.meter.chunk(data)
-        if self.timer is not None:
-            self.timer.reset(self.proxy.config.request_timeout_s)
         if not self.client_gone:
             self.request.write(data)
 
     def body_done(self, reason: Failure) -> None:
+        state = self.state
+        if not isinstance(state, Relaying):
+            return
         self.meter.done(self.status)
-        self._cancel_timer()
-        if self.timed_out:
-            self._unresponsive()
+        self._enter(Done())
+        if reason.check(ResponseDone, PotentialDataLoss):
+            if not self.client_gone:
+                self.request.unregisterProducer()
+                self._finish()
+        else:
+            self._relay_failed(state, _describe(reason))
+
+    def _relay_failed(self, state: Relaying, why: str) -> None:
+        """The body broke off (or stalled): an SSE error event ends a stream; a plain answer is cut."""
+        if self.client_gone:
+            return
         request = self.request
-        if not self.client_gone:
+        if state.producer is not None:
             request.unregisterProducer()
-            if reason.check(ResponseDone, PotentialDataLoss):
-                self._finish()
-            elif self.stream:
-                why = "timed out" if self.timed_out else _describe(reason)
-                message = f"the llama-server for model {self.model!r} on device {self.slot.id} failed mid-stream: {why}"
-                request.write(b"data: " + error_body(502, message, "upstream_failed") + b"\n\n")
-                self._finish()
-            else:
-                log.warn("upstream body for {model} on {device} broke off: {why}", model=self.model,
-                         device=self.slot.id, why=_describe(reason))
-                self.finished = True
-                request.loseConnection()
-        self._release()
+        if self.stream:
+            message = f"the llama-server for model {self.model!r} on device {self.slot.id} failed mid-stream: {why}"
+            request.write(b"data: " + error_body(502, message, "upstream_failed") + b"\n\n")
+            self._finish()
+        else:  # its Content-Length can no longer be honoured
+            log.warn("upstream body for {model} on {device} broke off: {why}", model=self.model,
+                     device=self.slot.id, why=why)
+            request.loseConnection()
 
     # ---------------------------------------------------------------- client
 
     def _client_lost(self, failure: Failure) -> None:
-        if self.finished:
-            return
         self.client_gone = True
-        self._stop_comments()
-        if self.lease is not None and self.pending is not None and not self.stream:
-            # Sent and not answered yet. llama-server does not notice that the
-            # connection of a non-streamed request closed: it computes it to the
-            # end all the same (a stream it cancels at its next write). Closing
-            # ours would only take that work off the slot's books, and the next
-            # request would wait behind it inside the child unaccounted; so the
-            # place is held until the answer comes (and is dropped) or
-            # request_timeout_s passes.
-            return
-        self._cancel_timer()
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.cancel()
-        if self.upstream is not None:
-            self.upstream.stopProducing()
-        if self.lease is not None:
-            self._release()
-
-    def _timeout(self) -> None:
-        self.timer = None
-        self.timed_out = True
-        if self.pending is not None:
-            self.pending.cancel()
-        elif self.upstream is not None:
-            self.upstream.stopProducing()
+        state = self.state
+        if isinstance(state, Queued):
+            self._enter(Done())
+            state.ticket.d.cancel()
+        elif isinstance(state, Sent):
+            if self.stream:  # llama-server stops a stream whose connection closed
+                self._enter(Done())
+                state.pending.cancel()
+            else:
+                # llama-server does not notice that a non-streamed request's
+                # connection closed: it computes it to the end all the same.
+                # Closing ours would only take that work off the device's books,
+                # and the next request would wait behind it inside the child
+                # unaccounted; so its place is held until the answer comes (and
+                # is dropped), or it goes request_timeout_s without progress.
+                held = Held(state.lease, state.pending, turn_at=state.turn_at)
+                self._enter(held)
+                if held.turn_at is not None:
+                    self._look(held)
+        elif isinstance(state, Relaying):
+            self._enter(Done())
+            if state.upstream is not None:
+                state.upstream.stopProducing()
+        elif isinstance(state, Rebinding):
+            self._enter(Done())
+            state.exited.cancel()
 
     def end_for_drain(self) -> None:
         """End this request now, the node's drain having run out of time, so that its client can
-        tell: a stream gets an SSE error event and its terminating chunk; a request whose answer
-        has not begun gets a 503 JSON error; a plain answer already begun is cut off. Then
-        whatever is pending is cancelled and the place released, as for a client that left."""
-        if self.finished or self.client_gone:
+        tell: a stream gets an SSE error event and its end; a request whose answer has not begun
+        gets a 503 JSON error; a plain answer already begun is cut off. Then whatever is pending
+        is cancelled and the place released, as for a client that left."""
+        state = self.state
+        if isinstance(state, Done):
             return
         message = "the node stopped before the request was done (drain_timeout_s ran out)"
         request = self.request
-        if self.upstream is not None:
-            request.unregisterProducer()  # the relay is the producer of a body being relayed
-        if not request.startedWriting:
-            self._error(503, message, "node_stopping")
-        elif self.stream:
-            request.write(b"data: " + error_body(503, message, "node_stopping") + b"\n\n")
-            self._finish()
-        else:
-            self.finished = True
-            request.loseConnection()
-        self._count()  # with its status, before it counts as gone (499)
-        self.client_gone = True  # nobody to answer any more: cancel and release the rest
-        self._stop_comments()
-        self._cancel_timer()
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.cancel()
-        if self.upstream is not None:
-            self.upstream.stopProducing()
-        if self.lease is not None:
-            self._release()
+        if not self.client_gone:
+            if getattr(state, "producer", None) is not None:
+                request.unregisterProducer()  # the relay is the producer of a body being relayed
+            if not request.startedWriting:
+                self._error(503, message, "node_stopping")
+            elif self.stream:
+                request.write(b"data: " + error_body(503, message, "node_stopping") + b"\n\n")
+                self._finish()
+            else:
+                request.loseConnection()
+        self._enter(Done())  # counted with its status; lets go of the lease and the timers
+        self.client_gone = True  # nobody to answer any more: cancel what is pending
+        if isinstance(state, Queued):
+            state.ticket.d.cancel()
+        elif isinstance(state, (Sent, Held)):
+            if state.pending is not None:
+                state.pending.cancel()
+        elif isinstance(state, Relaying):
+            if state.upstream is not None:
+                state.upstream.stopProducing()
+        elif isinstance(state, Rebinding):
+            if state.exited is not None:
+                state.exited.cancel()
 
     # --------------------------------------------------------------- helpers
-
-    def _unresponsive(self) -> None:
-        if self.lease is not None and self.lease.child is not None:
-            self.slot.child_unresponsive(self.lease.child, f"no answer within request_timeout_s="
-                                         f"{self.proxy.config.request_timeout_s:g}s")
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
-
-    def _release(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
-        self._count()
 
     def _count(self) -> None:
         self.proxy.live.discard(self)
         metrics = self.proxy.metrics
-        if metrics is not None and not self.counted:
-            self.counted = True
+        if metrics is not None:
             status = 499 if self.client_gone else self.status  # 499: the client closed the request
             metrics.request_done(self.request.path.decode("latin-1"), self.model, status,
                                  self.proxy._clock() - self.started)
 
     def _finish(self) -> None:
-        self.finished = True
         self.request.finish()
 
     def _error(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+        if self.client_gone:
+            return
         if self.committed:  # the 200 is gone: an SSE error event, as for a failure mid-stream
             self.request.write(b"data: " + error_body(status, message, code) + b"\n\n")
             self._finish()
@@ -531,24 +736,25 @@ class _ErrorEvent(Protocol):
         self.code = code
         self.data = bytearray()
 
+    def connectionMade(self) -> None:
+        self.exchange.relay_started(self.transport, None)
+
     def dataReceived(self, data: bytes) -> None:
         if len(self.data) < ERROR_BODY_MAX:
             self.data += data[:ERROR_BODY_MAX - len(self.data)]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         exchange = self.exchange
-        exchange._cancel_timer()
-        if not exchange.client_gone and not exchange.finished:
-            try:
-                error = json.loads(bytes(self.data))["error"]
-                message = str(error.get("message") if isinstance(error, dict) else error)
-            except (ValueError, KeyError, TypeError):
-                message = bytes(self.data).decode("utf-8", "replace")[:1000]
-            exchange.request.write(b"data: " + error_body(
-                self.code, f"the llama-server for model {exchange.model!r} answered {self.code}: {message}",
-                "upstream_error") + b"\n\n")
-            exchange._finish()
-        exchange._release()
+        if not isinstance(exchange.state, Relaying):
+            return
+        exchange._enter(Done())
+        try:
+            error = json.loads(bytes(self.data))["error"]
+            message = str(error.get("message") if isinstance(error, dict) else error)
+        except (ValueError, KeyError, TypeError):
+            message = bytes(self.data).decode("utf-8", "replace")[:1000]
+        exchange._error(self.code, f"the llama-server for model {exchange.model!r} answered {self.code}: {message}",
+                        "upstream_error")
 
 
 class _Discard(Protocol):

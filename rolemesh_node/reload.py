@@ -55,6 +55,7 @@ KEY_CLASSES: Mapping[str, str] = {
     "max_client_connections": LIVE,
     "header_read_timeout_s": LIVE,
     "client_idle_timeout_s": LIVE,
+    "body_read_timeout_s": LIVE,
     "access_log": RESTART,
     "child_log_lines": RESTART,  # each device's ring and log file are made at discovery
     "log_dir": RESTART,
@@ -64,6 +65,8 @@ KEY_CLASSES: Mapping[str, str] = {
     "max_concurrent_requests_per_device": LIVE,
     "max_request_body_bytes": LIVE,
     "request_timeout_s": LIVE,
+    "liveness_interval_s": LIVE,  # from the next child started (its liveness check is made then)
+    "liveness_timeout_s": LIVE,
     "max_switch_wait_s": LIVE,
     "drain_timeout_s": LIVE,
     "dispatcher_base_url": DISPATCHER,

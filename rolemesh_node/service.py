@@ -212,6 +212,7 @@ class NodeService(MultiService):
         self.site = make_site(root, max_body_bytes=config.max_request_body_bytes,
                               max_connections=config.max_client_connections,
                               header_timeout_s=config.header_read_timeout_s,
+                              body_timeout_s=config.body_read_timeout_s,
                               idle_timeout_s=config.client_idle_timeout_s, access_log=self.access_log,
                               reactor=reactor, on_refusal=self._refused)
         self.listener = HttpListener(reactor, self.site, config.listen_host, config.listen_port,
@@ -319,6 +320,7 @@ class NodeService(MultiService):
         site = self.site
         site.requestFactory.max_body_bytes = config.max_request_body_bytes
         site.protocol.header_timeout_s = config.header_read_timeout_s
+        site.protocol.body_timeout_s = config.body_read_timeout_s
         site.timeOut = config.client_idle_timeout_s
         site.max_connections = config.max_client_connections
         self.pool.maxPersistentPerHost = max(4, 2 * config.max_concurrent_requests_per_device)

@@ -9,13 +9,19 @@
 * :class:`NodeRequest` caps what a request body may hold in memory: past
   ``max_request_body_bytes`` the rest is read off the wire and dropped, and the
   request is answered 413 — a huge upload cannot fill the agent's memory.
+  A target in absolute form (``POST http://host:port/v1/...``) is routed as
+  the path it names. ``Expect: 100-continue`` with a ``Content-Length`` over
+  the cap gets 413 at once, without the body being read.
 * :class:`NodeChannel` closes a connection whose request headers do not
-  arrive within ``header_read_timeout_s`` (slow-loris), on top of Twisted's
-  idle timeout (``client_idle_timeout_s``).
-* :class:`NodeSite` answers connections beyond ``max_client_connections``
-  with a 503 and closes them, instead of serving without bound; it hands each
-  finished request to its :class:`~rolemesh_node.accesslog.AccessLog` (none:
-  no access log) instead of Twisted's one log event per request, and tells
+  arrive within ``header_read_timeout_s`` (from the connect, or from the
+  first byte of a kept-alive connection's next request) or whose body does
+  not within ``body_read_timeout_s`` (408), and an idle kept-alive one after
+  ``client_idle_timeout_s`` (Twisted's idle timeout) — always with FIN.
+* :class:`NodeSite` caps connections at ``max_client_connections``: a new
+  one takes the place of the one that kept the node waiting longest, and is
+  refused with 503 only when every connection is being answered; it hands
+  each finished request to its :class:`~rolemesh_node.accesslog.AccessLog`
+  (none: no access log) instead of Twisted's one log event per request, and tells
   ``on_refusal`` of every 429 and 503 the node answered itself (status, code,
   message), the connection cap's included.
 """
@@ -82,45 +88,146 @@ class NodeRequest(Request):
         content = self.content
         return isinstance(content, _CappedBody) and content.overflow
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if path[:1] != b"/":
+            path = absolute_to_origin_form(path)
+        super().requestReceived(command, path, version)
+
+
+def absolute_to_origin_form(target: bytes) -> bytes:
+    """``http://host:port/p?q`` → ``/p?q`` (RFC 9112 3.2.2: a server must accept the absolute form);
+    anything else is returned as it is.
+
+    >>> absolute_to_origin_form(b"http://127.0.0.1:8088/v1/models?x=1")
+    b'/v1/models?x=1'
+    >>> absolute_to_origin_form(b"HTTP://host")
+    b'/'
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return target
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return path if path[:1] == b"/" else b"/" + path
+
+
+# What a connection waits for (NodeChannel.phase). The node waits on the
+# client in NEW, HEADERS, BODY and IDLE; in BUSY the client waits on the node.
+NEW = "new"  # connected, no byte yet: header_read_timeout_s from the connect
+HEADERS = "headers"  # a request's first bytes came: header_read_timeout_s from the first
+BODY = "body"  # headers done, body coming: body_read_timeout_s from the end of the headers
+BUSY = "busy"  # the request is being answered (no client deadline)
+IDLE = "idle"  # kept alive after an answer: client_idle_timeout_s (Twisted's own idle timeout)
+CLOSING = "closing"  # closed by the node (deadline or eviction), waiting for the socket to go
+
 
 class NodeChannel(HTTPChannel):
-    """An ``HTTPChannel`` with a deadline for each request's headers."""
+    """An ``HTTPChannel`` with deadlines for a request's headers and body.
+
+    Every deadline closes the connection in order (FIN, never RST), after a
+    408 when a request had begun; Twisted's ``abortTimeout`` aborts it later
+    only if the client does not let it close.
+    """
 
     header_timeout_s = 30.0
-    _header_timer: Any = None
+    body_timeout_s = 60.0
+    phase = NEW
+    since = 0.0  # reactor seconds: when the current phase began
+    _deadline: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._arm_header_timer()
-        self.factory.connection_opened()
+        self.since = self.factory.clock.seconds()
+        self._arm(self.header_timeout_s, self._headers_too_slow)
+        self.factory.connection_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.phase is IDLE:  # a kept-alive connection's next request begins
+            self._enter(HEADERS)
+            self._arm(self.header_timeout_s, self._headers_too_slow)
+        elif self.phase is NEW:
+            self.phase = HEADERS  # its deadline still counts from the connect
+        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        self._disarm_header_timer()
+        self._disarm()
+        request = self.requests[-1]
+        length = self.length
+        if length and length > request.max_body_bytes and self._version == b"HTTP/1.1":
+            expect = request.requestHeaders.getRawHeaders(b"expect")
+            if expect and expect[0].lower() == b"100-continue":
+                # No 100 Continue: the client learns at once, without sending the body.
+                self._answer_and_close(413, b"Request Entity Too Large", error_body(
+                    413, f"request body exceeds max_request_body_bytes ({request.max_body_bytes})",
+                    "request_too_large"))
+                return
         super().allHeadersReceived()
+        if length != 0:
+            self._enter(BODY)
+            self._arm(self.body_timeout_s, self._body_too_slow)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        self._enter(BUSY)
+        super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
+        if self.persistent:  # kept alive: idle until the next request's first byte
+            self._enter(IDLE)
         super().requestDone(request)
-        if self.persistent:  # kept alive: the next request's headers have a deadline too
-            self._arm_header_timer()
 
     def connectionLost(self, reason: Any) -> None:
-        self._disarm_header_timer()
-        self.factory.connection_closed()
+        self._disarm()
+        self.phase = CLOSING
+        self.factory.connection_closed(self)
         super().connectionLost(reason)
 
-    def _arm_header_timer(self) -> None:
-        self._disarm_header_timer()
-        self._header_timer = self.callLater(self.header_timeout_s, self._headers_too_slow)
+    # ------------------------------------------------------------ deadlines
 
-    def _disarm_header_timer(self) -> None:
-        timer, self._header_timer = self._header_timer, None
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        self.since = self.factory.clock.seconds()
+
+    def _arm(self, seconds: float, then: Callable[[], None]) -> None:
+        self._disarm()
+        self._deadline = self.callLater(seconds, then)
+
+    def _disarm(self) -> None:
+        timer, self._deadline = self._deadline, None
         if timer is not None and timer.active():
             timer.cancel()
 
     def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if self.transport is not None:
-            self.transport.abortConnection()
+        self._deadline = None
+        self.evict(f"request headers not complete within header_read_timeout_s={self.header_timeout_s:g}s")
+
+    def _body_too_slow(self) -> None:
+        self._deadline = None
+        self.evict(f"request body not complete within body_read_timeout_s={self.body_timeout_s:g}s")
+
+    def evict(self, why: str) -> None:
+        """Close this connection (the node is waiting on its client): 408 if a request began."""
+        if self.phase in (HEADERS, BODY):
+            self._answer_and_close(408, b"Request Timeout", error_body(408, why, "request_timeout"))
+        else:
+            self._close()
+
+    def _answer_and_close(self, status: int, phrase: bytes, body: bytes) -> None:
+        if self.transport is None:
+            return
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body))
+        self._close()
+
+    def _close(self) -> None:
+        self._disarm()
+        self.phase = CLOSING
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]  # read and drop the rest
+        if self.transport is None:
+            return
+        if self.abortTimeout is not None and self._abortingCall is None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
 
 
 class _Refuse(Protocol):
@@ -137,9 +244,24 @@ class _Refuse(Protocol):
 
 #: the statuses whose answers are counted by reason (``NodeSite.on_refusal``)
 REFUSALS = frozenset({429, 503})
+#: a connection waiting on its client is closed for a new one in this order: a
+#: request under way (or nothing yet) before a kept-alive idle one, then the
+#: one that has waited longest
+_EVICT_ORDER = {NEW: 0, HEADERS: 0, BODY: 0, IDLE: 1}
 
 
 class NodeSite(Site):
+    """A ``Site`` with a connection cap that slow clients cannot hold.
+
+    At ``max_connections``, a new connection takes the place of the one that
+    has kept the node waiting longest: a connection sending its request (or
+    nothing) before a kept-alive idle one, the longest waiting first. It is
+    closed (408 if a request had begun). Only when every connection is being
+    answered is the new one refused with 503. No rule per client address, so
+    ordinary loopback traffic (benchmarks, tests, a local gateway) is never
+    refused for where it comes from.
+    """
+
     protocol = NodeChannel
     max_connections = 1024
     access_log: AccessLog | None = None
@@ -148,22 +270,44 @@ class NodeSite(Site):
 
     def __init__(self, resource: Any, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
-        self.open_connections = 0
+        self.channels: set[NodeChannel] = set()
+        self.evictions = 0
+        self.clock = self.reactor
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.channels)
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.open_connections >= self.max_connections:
-            if self.on_refusal is not None:
-                self.on_refusal(503, "too_many_connections", None)
-            refuse = _Refuse()
-            refuse.factory = self
-            return refuse
+        if len(self.channels) >= self.max_connections:
+            victim = self._slowest()
+            if victim is None:
+                if self.on_refusal is not None:
+                    self.on_refusal(503, "too_many_connections", None)
+                refuse = _Refuse()
+                refuse.factory = self
+                return refuse
+            self.evictions += 1
+            victim.evict(f"closed for a new connection: max_client_connections={self.max_connections} reached "
+                         "and this one kept the node waiting longest")
         return super().buildProtocol(addr)
 
-    def connection_opened(self) -> None:
-        self.open_connections += 1
+    def _slowest(self) -> NodeChannel | None:
+        best, best_key = None, None
+        for channel in self.channels:
+            rank = _EVICT_ORDER.get(channel.phase)
+            if rank is None:
+                continue
+            key = (rank, channel.since)
+            if best_key is None or key < best_key:
+                best, best_key = channel, key
+        return best
 
-    def connection_closed(self) -> None:
-        self.open_connections -= 1
+    def connection_opened(self, channel: NodeChannel) -> None:
+        self.channels.add(channel)
+
+    def connection_closed(self, channel: NodeChannel) -> None:
+        self.channels.discard(channel)
 
     def log(self, request: Any) -> None:
         access_log = self.access_log
@@ -210,7 +354,8 @@ class RootResource:
 
 def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_timeout_s: float,
               idle_timeout_s: float, access_log: AccessLog | None, reactor: Any = None,
-              on_refusal: Callable[[int, str, str | None], None] | None = None) -> NodeSite:
+              on_refusal: Callable[[int, str, str | None], None] | None = None,
+              body_timeout_s: float = 60.0) -> NodeSite:
     """The node's ``Site``. ``access_log``: where each finished request goes
     (``None``: no access log); ``reactor``: the site's clock and timers (default:
     the global reactor); ``on_refusal``: told of each 429/503 the node answers."""
@@ -219,7 +364,8 @@ def make_site(root: Any, *, max_body_bytes: int, max_connections: int, header_ti
     # every POST's Content-Type with the email package to look for forms.
     site = NodeSite(root, requestFactory=request_class, timeout=idle_timeout_s, parsePOSTFormSubmission=False,
                     reactor=reactor)
-    site.protocol = type("NodeChannel", (NodeChannel,), {"header_timeout_s": header_timeout_s})
+    site.protocol = type("NodeChannel", (NodeChannel,), {"header_timeout_s": header_timeout_s,
+                                                         "body_timeout_s": body_timeout_s})
     site.max_connections = max_connections
     site.displayTracebacks = False
     site.noisy = False

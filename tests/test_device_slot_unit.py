@@ -223,6 +223,7 @@ def test_no_ttl_means_no_unload(models):
     slot.switch_to(models["a"])
     FakeChild.instances[0].become_ready()
     slot.grant("a").release()
+    reactor.advance(slot.config.liveness_interval_s)  # the liveness check that was due finds nothing in flight
     assert reactor.getDelayedCalls() == []
 
 
@@ -301,3 +302,28 @@ def test_every_lease_runs_at_once_within_the_child_slots(models):
     slot.switch_to(models["a"])
     FakeChild.instances[0].become_ready()
     assert all(slot.grant("a").running for _ in range(2))
+
+
+@pytest.mark.allow_errors  # "unresponsive; killing it" is an error line on purpose
+def test_a_busy_child_whose_health_stops_answering_is_killed_and_counted(models):
+    from tests.fakes import ScriptedHTTP
+
+    slot, reactor = make_slot(models, liveness_interval_s=1.0, liveness_timeout_s=0.5)
+    http = slot.http = ScriptedHTTP()
+    http.ready("a")
+    slot.switch_to(models["a"])
+    child = FakeChild.instances[0]
+    child.become_ready()
+    killed = []
+    child.kill = lambda: (killed.append(True), child.die())
+    lease = slot.grant("a")
+    for _ in range(20):  # 10 s answering: a long request is fine
+        reactor.advance(0.5)
+    assert not killed and http.calls.count("/health") >= 5
+    http.routes = {}  # nothing answers any more (SIGSTOPped)
+    for _ in range(6):
+        reactor.advance(0.5)
+    assert killed and slot.phase.value == "failed" and "unresponsive" in slot.last_error
+    assert child.hung_reason.startswith("/health did not answer")
+    lease.release()
+    assert slot.crash_count == 1 and not [c for c in reactor.getDelayedCalls() if "Liveness" in repr(c.func)]

@@ -233,7 +233,7 @@ async def test_configured_node_id_wins(node_service: Any, http_client: Any, base
 # errors: 404, 405
 
 
-@pytest.mark.parametrize("path", ["/nope", "/v1/nothing/here", "/v1/models/extra", "/health/"])
+@pytest.mark.parametrize("path", ["/nope", "/v1/nothing/here", "/v1/model", "/health/"])
 @pytest_twisted.ensureDeferred
 async def test_unknown_path_is_json_404(node_service: Any, http_client: Any, base_config: dict[str, Any],
                                         path: str) -> None:
@@ -241,6 +241,16 @@ async def test_unknown_path_is_json_404(node_service: Any, http_client: Any, bas
     doc = await get_json(http_client, service, path, status=404)
     assert_error(doc, "not_found")
     assert path in doc["error"]["message"]
+
+
+@pytest.mark.parametrize("model_id", ["nope", "org/nope", "tiny-a/extra"])
+@pytest_twisted.ensureDeferred
+async def test_retrieving_an_unknown_model_is_an_openai_404(node_service: Any, http_client: Any,
+                                                            base_config: dict[str, Any], model_id: str) -> None:
+    service = await node_service(base_config)
+    doc = await get_json(http_client, service, f"/v1/models/{model_id}", status=404)
+    assert_error(doc, "model_not_found")
+    assert repr(model_id) in doc["error"]["message"]
 
 
 @pytest_twisted.ensureDeferred

@@ -165,8 +165,12 @@ async def test_child_sigkilled_while_generating_a_plain_answer(node_service, tin
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest_twisted.ensureDeferred
 async def test_child_sigstopped_times_out_and_is_replaced(node_service, tiny_models, llama_server_bin, stream):
+    # The request runs out of request_timeout_s (504, or an SSE error event): that
+    # ends it, and has the child checked. The liveness check finds the child hung
+    # (/health does not answer, twice) and it is killed and replaced.
     timeout = 1.0
-    service = await node_service(fault_config(tiny_models, request_timeout_s=timeout))
+    service = await node_service(fault_config(tiny_models, request_timeout_s=timeout, liveness_interval_s=0.5,
+                                              liveness_timeout_s=1.0))
     slot = service.node.slots["cpu:0"]
     child = await slot.ensure_server(service.config.models["tiny-a"])
     pid = child.pid
@@ -195,6 +199,7 @@ async def test_child_sigstopped_times_out_and_is_replaced(node_service, tiny_mod
             assert response.code == 504, doc
             assert set(doc["error"]) == {"message", "type", "code"}
             assert doc["error"]["code"] == "upstream_timeout" and "request_timeout_s=1s" in doc["error"]["message"]
+            assert slot.phase is Phase.READY  # a timeout alone kills nothing
         assert timeout * 0.9 <= took < timeout + 3.0
         # taken for hung: SIGKILLed (a SIGTERM would wait behind the SIGSTOP) and replaced
         await eventually(lambda: not alive(pid), timeout=5, what="the hung child to be killed")
@@ -588,3 +593,45 @@ async def test_stop_leaves_no_connection_to_the_dispatcher_open(node_service, st
     finally:
         await stop_soak_node(service, fake)
     assert cached == 0, f"{cached} connection(s) left in the pool after stopService"
+
+
+# --------------------------------------------------------------------------
+# a long request is not a hung child
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_plain_request_next_to_a_live_stream_is_not_a_hung_child(node_service, tiny_models,
+                                                                              llama_server_bin):
+    # llama-server sends a plain answer's headers only when it is complete. This
+    # one takes several times request_timeout_s; the liveness check sees the
+    # child's tokens grow in /slots, so nothing times out, the stream beside it
+    # completes, and the child is neither killed nor counted as a crash.
+    timeout = 0.5
+    config = fault_config(tiny_models, llama_server_parallel=2, request_timeout_s=timeout,
+                          liveness_interval_s=0.1, liveness_timeout_s=1.0)
+    config["models"]["tiny-a"]["ctx_size"] = 4096  # 2048 per slot
+    service = await node_service(config)
+    slot = service.node.slots["cpu:0"]
+    child = await slot.ensure_server(service.config.models["tiny-a"])
+
+    def body(tokens: int, stream: bool) -> bytes:
+        return json.dumps({"model": "tiny-a", "messages": [{"role": "user", "content": "hello"}],
+                           "max_tokens": tokens, "stream": stream, "ignore_eos": True}).encode()
+
+    began = time.monotonic()
+    plain = post(service, body(4000, False))
+    stream = await post(service, body(3000, True), unbuffered=True)
+    assert stream.code == 200
+    events = sse_events(await stream.content())
+    assert events[-1] == b"data: [DONE]"  # the stream completed
+    response = await plain
+    doc = json.loads(await response.content())
+    took = time.monotonic() - began
+    assert response.code == 200, doc
+    assert doc["usage"]["completion_tokens"] > 1500  # the slot's context (2048 here) ends it
+    assert took > 2 * timeout  # it really ran past request_timeout_s
+    assert slot.child is child and slot.phase is Phase.READY
+    assert slot.crash_count == 0 and slot.starts == 1
+    model = json.loads(await (await treq.get(f"http://127.0.0.1:{service.port}/v1/models/tiny-a",
+                                             persistent=False)).content())
+    assert model["state"] == "loaded" and "cooldown" not in model

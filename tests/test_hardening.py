@@ -11,11 +11,13 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
 from rolemesh_node.auth import ApiKeys, load_api_keys
 from rolemesh_node.config import ConfigError, NodeConfig, parse_config
+from rolemesh_node.web import absolute_to_origin_form
 from tests.test_supervisor_real import eventually, models_config
 
 KEY = "k-0123456789abcdef-secret"
@@ -113,6 +115,41 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
+class Peer:
+    """A raw client socket that notes what came back and how the node closed it."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = _connect(port)
+        self.sock.setblocking(False)
+        self.received = b""
+        self.how: str | None = None  # "fin" or "rst" once closed
+
+    def send(self, data: bytes) -> None:
+        self.sock.setblocking(True)
+        try:
+            self.sock.sendall(data)
+        finally:
+            self.sock.setblocking(False)
+
+    def closed(self) -> bool:
+        while self.how is None:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                self.how = "rst"
+                break
+            if not data:
+                self.how = "fin"
+                break
+            self.received += data
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def _closed(sock: socket.socket) -> bool:
     sock.setblocking(False)
     try:
@@ -125,55 +162,205 @@ def _closed(sock: socket.socket) -> bool:
 
 
 @pytest_twisted.ensureDeferred
-async def test_slow_headers_are_cut_off(node_service):
+async def test_slow_headers_are_cut_off_with_fin_and_a_408(node_service):
     service = await node_service({"backend": "cpu", "header_read_timeout_s": 0.3})
-    sock = _connect(service.port)
+    peer = Peer(service.port)
+    silent = Peer(service.port)
     try:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # ...and never the blank line
+        peer.send(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # ...and never the blank line
         began = time.monotonic()
-        await eventually(lambda: _closed(sock), timeout=5, what="the slow client to be cut off")
+        await eventually(peer.closed, timeout=5, what="the slow client to be cut off")
+        await eventually(silent.closed, timeout=5, what="the silent client to be cut off")
         assert time.monotonic() - began < 4
     finally:
-        sock.close()
+        peer.close()
+        silent.close()
+    assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(peer.received.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+    assert silent.how == "fin" and silent.received == b""  # nothing asked, nothing answered
     health = await treq.get(url(service, "/health"), persistent=False)
     assert health.code == 200
     await health.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_kept_alive_connection_is_kept_until_client_idle_timeout(node_service):
+    service = await node_service({"backend": "cpu", "header_read_timeout_s": 0.3, "client_idle_timeout_s": 1.5})
+    peer = Peer(service.port)
+    try:
+        peer.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(lambda: b"}\r\n0\r\n\r\n" in peer.received or peer.closed(), what="the answer")
+        answered = time.monotonic()
+        assert peer.received.startswith(b"HTTP/1.1 200")
+        await deferLater(reactor, 0.8, lambda: None)  # well past header_read_timeout_s
+        assert not peer.closed()
+        peer.received = b""
+        peer.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # still usable
+        await eventually(lambda: b"}\r\n0\r\n\r\n" in peer.received or peer.closed(), what="the second answer")
+        assert peer.received.startswith(b"HTTP/1.1 200")
+        answered = time.monotonic()
+        await eventually(peer.closed, timeout=5, what="the idle connection to be closed")
+        idle = time.monotonic() - answered
+    finally:
+        peer.close()
+    assert peer.how == "fin" and 1.0 <= idle < 4.0
 
 
 @pytest_twisted.ensureDeferred
 async def test_kept_alive_connection_gets_a_header_deadline_for_its_next_request(node_service):
     service = await node_service({"backend": "cpu", "header_read_timeout_s": 0.3})
-    sock = _connect(service.port)
+    peer = Peer(service.port)
     try:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = await deferToThread(sock.recv, 65536)
-        assert answer.startswith(b"HTTP/1.1 200")
-        await eventually(lambda: _closed(sock), timeout=5, what="the idle kept-alive connection to be closed")
+        peer.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(lambda: b"}\r\n0\r\n\r\n" in peer.received or peer.closed(), what="the answer")
+        peer.received = b""
+        peer.send(b"GET /health HTTP/1.1\r\n")  # the next request begins, and stalls
+        await eventually(peer.closed, timeout=5, what="the stalled request to be cut off")
     finally:
-        sock.close()
+        peer.close()
+    assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+
+
+def _slow_post(port: int, path: bytes = b"/v1/chat/completions") -> Peer:
+    peer = Peer(port)
+    peer.send(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{")
+    return peer
 
 
 @pytest_twisted.ensureDeferred
-async def test_connections_beyond_the_cap_get_a_clean_503(node_service):
-    service = await node_service({"backend": "cpu", "max_client_connections": 2})
-    held = [_connect(service.port), _connect(service.port)]
+async def test_slow_bodies_are_closed_by_the_deadline_while_a_real_client_is_served(node_service):
+    service = await node_service({"backend": "cpu", "body_read_timeout_s": 0.8})
+    slow = [_slow_post(service.port) for _ in range(3)]
+    began = time.monotonic()
     try:
-        await eventually(lambda: service.site.open_connections == 2, what="two open connections")
+        health = await treq.get(url(service, "/health"), persistent=False)  # served meanwhile
+        assert health.code == 200
+        await health.content()
+        for peer in slow:
+            peer.send(b" ")  # trickling: each byte in time, the whole body not
+        for peer in slow:
+            await eventually(peer.closed, timeout=5, what="the slow body to be cut off")
+        took = time.monotonic() - began
+    finally:
+        for peer in slow:
+            peer.close()
+    assert 0.7 <= took < 4.0
+    for peer in slow:
+        assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+        error = json.loads(peer.received.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "request_timeout" and "body_read_timeout_s" in error["message"]
+    await eventually(lambda: service.site.open_connections == 0, what="the connections to be closed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_clients_at_the_connection_cap_make_room_for_real_ones(node_service):
+    service = await node_service({"backend": "cpu", "max_client_connections": 3, "body_read_timeout_s": 30})
+    slow = [_slow_post(service.port) for _ in range(3)]
+    try:
+        for round_ in range(3):
+            await eventually(lambda: service.site.open_connections == 3, what="the cap to be reached")
+            # a real client, from the same address as the slow ones
+            health = await treq.get(url(service, "/health"), persistent=False)
+            assert health.code == 200
+            await health.content()
+            await eventually(slow[round_].closed, what="the longest waiting slow client to be closed")
+            assert not any(peer.closed() for peer in slow[round_ + 1:])
+            slow.append(_slow_post(service.port))  # the slow client comes back: the cap is full again
+    finally:
+        for peer in slow:
+            peer.close()
+    assert service.site.evictions == 3
+    for peer in slow[:3]:
+        assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.allow_errors  # the stand-in child never gets ready: its failed start is logged
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_cap_get_a_clean_503_when_all_are_being_answered(node_service, tmp_path):
+    never_ready = tmp_path / "never-ready"
+    never_ready.write_text("#!/bin/sh\nexec sleep 30\n")
+    never_ready.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(64))
+    service = await node_service({"backend": "cpu", "max_client_connections": 2, "llama_server_bin": str(never_ready),
+                                  "llama_server_startup_timeout_s": 3, "max_pending_requests_per_device": 4,
+                                  "models": {"m": {"path": str(model)}}})
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    busy = [treq.post(url(service, "/v1/chat/completions"), data=body, persistent=False) for _ in range(2)]
+    try:
+        await eventually(lambda: service.node.coordinator.waiting("m") + service.node.slots["cpu:0"].inflight == 2,
+                         what="two requests being answered")
         third = _connect(service.port)
         try:
             answer = await deferToThread(third.recv, 65536)
         finally:
             third.close()
-        head, _, body = answer.partition(b"\r\n\r\n")
+        head, _, answer_body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
-        assert json.loads(body)["error"]["code"] == "too_many_connections"
+        assert json.loads(answer_body)["error"]["code"] == "too_many_connections"
     finally:
-        for sock in held:
-            sock.close()
+        for d in busy:
+            response = await d
+            await response.content()
     await eventually(lambda: service.site.open_connections == 0, what="the connections to be closed")
-    health = await treq.get(url(service, "/health"), persistent=False)
-    assert health.code == 200
-    await health.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_expect_100_continue_over_the_limit_gets_413_without_the_body(node_service):
+    service = await node_service({"backend": "cpu", "max_request_body_bytes": 1024})
+    peer = Peer(service.port)
+    try:
+        peer.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n")
+        await eventually(peer.closed, timeout=5, what="the 413")
+    finally:
+        peer.close()
+    assert peer.received.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in peer.received
+    assert json.loads(peer.received.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
+    # within the limit, 100 Continue as usual
+    peer = Peer(service.port)
+    try:
+        peer.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        await eventually(lambda: b"100 Continue" in peer.received or peer.closed(), what="100 Continue")
+        peer.send(b"{}")
+        await eventually(lambda: b"missing_model" in peer.received or peer.closed(), what="the answer")
+    finally:
+        peer.close()
+    assert b"HTTP/1.1 400 " in peer.received
+
+
+@pytest.mark.parametrize("target, path", [
+    (b"http://127.0.0.1:8088/v1/models?x=1", b"/v1/models?x=1"),
+    (b"HTTPS://[::1]:8088/v1/chat/completions", b"/v1/chat/completions"),
+    (b"http://host", b"/"),
+    (b"http://host?q", b"/?q"),
+    (b"/plain", b"/plain"),
+    (b"*", b"*"),
+    (b"ftp://host/x", b"ftp://host/x"),
+])
+def test_absolute_to_origin_form(target, path):
+    assert absolute_to_origin_form(target) == path
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_absolute_form_target_is_routed_like_its_path(node_service):
+    service = await node_service({"backend": "cpu"})
+    for target, status, code in ((b"/health", 200, None), (b"/v1/chat/completions", 404, b"model_not_found")):
+        peer = Peer(service.port)
+        body = b'{"model": "nope", "messages": []}'
+        try:
+            method = b"GET" if target == b"/health" else b"POST"
+            peer.send(method + b" http://127.0.0.1:%d%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (service.port, target, len(body) if code else 0,
+                                                             body if code else b""))
+            await eventually(peer.closed, what="the answer")
+        finally:
+            peer.close()
+        assert peer.received.startswith(b"HTTP/1.1 %d " % status), peer.received[:200]
+        if code:
+            assert code in peer.received
 
 
 # ------------------------------------------------------------------ metrics

@@ -71,8 +71,9 @@ def schema_validator(raw_spec: dict[str, Any], name: str) -> Draft202012Validato
 
 def test_document_is_valid_openapi_3_1(openapi: OpenAPI, raw_spec: dict[str, Any]) -> None:
     assert raw_spec["openapi"].startswith("3.1")
-    assert set(raw_spec["paths"]) == {"/health", "/ready", "/v1/models", "/v1/node/inventory", "/v1/node/reload",
-                                      "/v1/node/devices/{device}/logs", "/v1/node/status", "/", "/ui/{file}",
+    assert set(raw_spec["paths"]) == {"/health", "/ready", "/v1/models", "/v1/models/{model}", "/v1/node/inventory",
+                                      "/v1/node/reload", "/v1/node/devices/{device}/logs", "/v1/node/status", "/",
+                                      "/ui/{file}",
                                       "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 
 
@@ -264,6 +265,32 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
         inventory = json.loads((await node.call("GET", "/v1/node/inventory"))[2])
         assert [d["id"] for d in inventory["devices"]] == ["cpu:0", "cpu:1"]
         assert inventory["devices"][0]["child"]["state"] == "idle"
+
+        # ------------------------------------------------ models.retrieve
+        for path, status in (("/v1/models/alpha", 200), ("/v1/models/a", 200), ("/v1/models/ghost", 200),
+                             ("/v1/models/nope", 404)):
+            got, headers, body = await node.call("GET", path)
+            assert got == status, (path, body)
+            check_response(openapi, node, "GET", path, got, headers, body)
+        assert json.loads((await node.call("GET", "/v1/models/a"))[2])["id"] == "alpha"
+        assert json.loads((await node.call("GET", "/v1/models/nope"))[2])["error"]["code"] == "model_not_found"
+
+        # ------------------------------ crash cooldown: shown, with until and why
+        slots = node.service.node.slots
+        for _ in range(node.config.crash_limit):
+            slots["cpu:0"].crashes.record("alpha", "exit code 1")
+        doc = json.loads((await node.call("GET", "/v1/models/alpha"))[2])
+        assert doc["state"] == "available" and doc["cooldown"]["devices"] == ["cpu:0"]  # cpu:1 can still run it
+        for _ in range(node.config.crash_limit):
+            slots["cpu:1"].crashes.record("alpha", "exit code 1")
+        for path in ("/v1/models", "/v1/models/alpha", "/v1/node/inventory"):
+            got, headers, body = await node.call("GET", path)
+            check_response(openapi, node, "GET", path, got, headers, body)
+        doc = json.loads((await node.call("GET", "/v1/models/alpha"))[2])
+        assert doc["state"] == "cooldown" and doc["cooldown"]["devices"] == ["cpu:0", "cpu:1"]
+        assert doc["cooldown"]["until"] > time.time() and "3 failures" in doc["cooldown"]["reason"]
+        inventory = json.loads((await node.call("GET", "/v1/node/inventory"))[2])
+        assert [m["state"] for m in inventory["models"]] == ["cooldown", "unavailable"]
 
         # ------------------------------------- errors of the proxied routes
         cases = [

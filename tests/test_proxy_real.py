@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from tests.test_supervisor_real import eventually, models_config
 
@@ -86,8 +87,14 @@ async def test_openai_client_chat_completions_and_embeddings(node_service, tiny_
 
     models = await deferToThread(client.models.list)
     assert {m.id for m in models.data} == {"tiny-a", "tiny-b", "tiny-embed"}
+    model = await deferToThread(client.models.retrieve, "tiny-a")
+    assert model.id == "tiny-a" and model.object == "model" and model.owned_by == "rolemesh-node"
+    assert (await deferToThread(client.models.retrieve, "tiny")).id == "tiny-a"  # an alias finds its model
 
     import openai
+    with pytest.raises(openai.NotFoundError) as info:
+        await deferToThread(client.models.retrieve, "nope")
+    assert info.value.body["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError) as info:
         await deferToThread(client.chat.completions.create, model="nope",
                             messages=[{"role": "user", "content": "x"}])
@@ -105,7 +112,11 @@ async def test_response_headers_name_request_and_device(node_service, tiny_model
     assert response.headers.getRawHeaders("x-request-id") == ["abc-123"]
     assert response.headers.getRawHeaders("x-rolemesh-device") == ["cpu:0"]
     assert not response.headers.hasHeader("access-control-allow-origin")
-    await response.content()
+    body = await response.content()
+    assert response.length == len(body)  # llama-server's Content-Length kept: not re-sent chunked
+    stream = await post(service, "/v1/chat/completions", chat_body("tiny-a", stream=True))
+    assert stream.code == 200 and stream.length is UNKNOWN_LENGTH  # a stream stays chunked
+    await stream.content()
     fresh = await post(service, "/v1/chat/completions", chat_body("tiny-a"))
     assert len(fresh.headers.getRawHeaders("x-request-id")[0]) == 32
     await fresh.content()
@@ -226,9 +237,10 @@ def _readable(sock: socket.socket) -> bool:
 @pytest_twisted.ensureDeferred
 async def test_cpu_devices_spread_concurrent_work(node_service, tiny_models, llama_server_bin):
     service = await node_service(proxy_config(tiny_models, cpu_devices=2, max_pending_requests_per_device=1))
-    # Late binding serves a request on whichever device can take it first: each request must last longer
-    # than a load (no early end of sequence), else the first device may serve both, rightly.
-    body = json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": 600, "ignore_eos": True}).encode()
+    # Long enough that the device whose child loads first cannot finish both
+    # before the other's is ready (two loads at once on a busy machine can
+    # differ by 50 ms and more; 200 tokens took ~20 ms).
+    body = json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": 1500, "ignore_eos": True}).encode()
     results = await DeferredList([post(service, "/v1/completions", body) for _ in range(2)], consumeErrors=True)
     devices = set()
     for ok, response in results:
@@ -265,3 +277,81 @@ async def test_wrong_model_kind_and_validation_errors(node_service, tiny_models,
     await ok.content()
     assert service.node.slots["cpu:0"].inflight == 0
     await deferLater(reactor, 0, lambda: None)
+
+
+class _Raw:
+    """A raw client socket (non-blocking reads): what came back, and how the node closed it."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.setblocking(False)
+        self.received = b""
+        self.how: str | None = None
+
+    def send(self, data: bytes) -> None:
+        self.sock.setblocking(True)
+        self.sock.sendall(data)
+        self.sock.setblocking(False)
+
+    def closed(self) -> bool:
+        while self.how is None:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                self.how = "rst"
+                break
+            if not data:
+                self.how = "fin"
+                break
+            self.received += data
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_bodies_are_closed_by_the_deadline_and_a_real_client_is_served(node_service, tiny_models,
+                                                                                    llama_server_bin):
+    service = await node_service(proxy_config(tiny_models, max_client_connections=4, body_read_timeout_s=1.0))
+    slow = []
+    for _ in range(4):  # the cap, filled by bodies trickled a byte at a time
+        peer = _Raw(service.port)
+        peer.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 200\r\n\r\n{")
+        slow.append(peer)
+    try:
+        await eventually(lambda: service.site.open_connections == 4, what="the cap to be filled")
+        response = await post(service, "/v1/chat/completions", chat_body("tiny-a"))  # a real client
+        doc = json.loads(await response.content())
+        assert response.code == 200 and doc["choices"][0]["message"]["content"] is not None
+        for peer in slow:
+            await eventually(peer.closed, timeout=5, what="the slow body to be closed")
+    finally:
+        for peer in slow:
+            peer.sock.close()
+    assert all(peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ") for peer in slow)
+    assert service.node.slots["cpu:0"].inflight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_kept_alive_connection_is_kept_until_client_idle_timeout(node_service, tiny_models,
+                                                                               llama_server_bin):
+    service = await node_service(proxy_config(tiny_models, header_read_timeout_s=0.3, client_idle_timeout_s=2.0))
+    body = chat_body("tiny-a")
+    ask = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    peer = _Raw(service.port)
+    try:
+        for _ in range(2):  # the second request on the same connection, after an idle pause
+            peer.received = b""
+            peer.send(ask)
+            await eventually(lambda: peer.received.endswith(b"}") or peer.closed(), what="an answer")
+            assert peer.received.startswith(b"HTTP/1.1 200") and b"Content-Length:" in peer.received
+            answered = time.monotonic()
+            await deferLater(reactor, 1.0, lambda: None)  # idle, well past header_read_timeout_s
+            assert not peer.closed()
+        await eventually(peer.closed, timeout=5, what="the idle connection to be closed")
+        idle = time.monotonic() - answered
+    finally:
+        peer.sock.close()
+    assert peer.how == "fin" and 1.8 <= idle < 4.5

@@ -28,8 +28,19 @@ BEHAVIOURS = ("hang", "midstream", "midplain", "stall", "refused", "ok", "serial
 SERIAL_S = 0.7
 
 
-class MisbehavingLlama(Resource):
+class AliveResource(Resource):
+    """Answers the liveness check as a live llama-server without ``/slots`` would."""
+
     isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path == b"/health":
+            return b'{"status": "ok"}'
+        request.setResponseCode(404)
+        return b'{"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}'
+
+
+class MisbehavingLlama(AliveResource):
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,9 +161,14 @@ async def test_failures_before_the_response(node_service, tiny_models, upstream,
     doc = json.loads(await response.content())
     assert response.code == status and doc["error"]["code"] == code
     assert "cpu:0" in doc["error"]["message"] and model in doc["error"]["message"]
+    if model == "hang":
+        # A slow answer is not a hung child (its /health answers): only this request
+        # ended. Its place stays booked while the child may still work on it, then
+        # is given up after another request_timeout_s without any sign of progress.
+        assert slot.phase.value == "ready" and slot.crash_count == 0
+        await eventually(lambda: slot.inflight == 0, timeout=3.0, what="the held place to be given up")
+        assert slot.phase.value == "ready" and slot.crash_count == 0
     assert slot.inflight == 0
-    if model == "hang":  # a child that does not answer is taken for hung and replaced
-        assert slot.phase.value == "failed" and "unresponsive" in slot.last_error
     ok = await post(service, "ok")
     assert ok.code == 200 and json.loads(await ok.content()) == {"ok": True}
 
@@ -222,10 +238,8 @@ async def test_a_client_that_leaves_frees_the_place_when_the_child_is_done_with_
     assert ok.code == 200
 
 
-class FirstThenHang(Resource):
-    """A one-slot child that answers its first request after 0.3 s, then hangs."""
-
-    isLeaf = True
+class FirstThenHang(AliveResource):
+    """A one-slot child that answers its first request after 0.3 s, then hangs (its /health still answers)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -247,12 +261,12 @@ def first_then_hang() -> Any:
     yield from serve(FirstThenHang())
 
 
-@pytest.mark.allow_errors
 @pytest_twisted.ensureDeferred
 async def test_a_held_request_whose_client_left_is_still_timed(node_service, tiny_models, first_then_hang):
-    # B waits inside the child and its client leaves; the child then hangs on
-    # B. B's place is held, but request_timeout_s still runs from B's turn: the
-    # child is taken for hung and the device serves again.
+    # B waits inside the child and its client leaves; the child then never
+    # answers B but stays alive. B's place is held, and request_timeout_s still
+    # runs from B's turn: with no sign of progress its place is given up. The
+    # child is not killed (only a failed liveness check does that).
     service, slot = await start_node(node_service, tiny_models, first_then_hang, timeout_s=0.5)
     first = post(service, "ok")
     await deferLater(reactor, 0.1, lambda: None)
@@ -263,4 +277,4 @@ async def test_a_held_request_whose_client_left_is_still_timed(node_service, tin
     second.cancel()
     assert (await first).code == 200
     await eventually(lambda: slot.inflight == 0, timeout=3.0, what="the held request to time out")
-    assert slot.phase.value == "failed" and "unresponsive" in slot.last_error
+    assert slot.phase.value == "ready" and slot.crash_count == 0
