@@ -70,10 +70,11 @@ class NodeAPI:
     def resource(self) -> Any:
         return self.app.resource()
 
-    @app.route("/")
+    @app.route("/", methods=["GET", "HEAD"])
     def page(self, request: Any) -> bytes:
-        """The status page for a browser; for anyone else the 404 this path always answered."""
-        if request.method in (b"GET", b"HEAD") and wants_html(request):
+        """The status page for a browser; for anyone else the 404 this path always answered
+        (another method: 405, as on every documented path)."""
+        if wants_html(request):
             return self._ui(request, "index.html")
         return self.not_found(request, None)
 

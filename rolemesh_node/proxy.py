@@ -201,6 +201,9 @@ class ProxyResource:
             what = "an embedding model" if spec.embedding else "not an embedding model"
             return set_error(request, 400, f"model {spec.name!r} is {what}; it cannot serve "
                              f"{request.path.decode()}", "wrong_model_kind")
+        problem = _message_problem(payload) if request.path == b"/v1/chat/completions" else None
+        if problem is not None:
+            return set_error(request, 400, problem, "invalid_request")
         if self.node.bin_error is not None:
             return set_error(request, 503, self.node.bin_error, "llama_server_missing")
         if not self.node.files.available(spec):
@@ -760,6 +763,32 @@ class _ErrorEvent(Protocol):
 class _Discard(Protocol):
     def connectionMade(self) -> None:
         self.transport.stopProducing()
+
+
+def _message_problem(payload: dict[str, Any]) -> str | None:
+    """What is wrong with a chat request's messages, among what llama-server would answer with a 500.
+
+    ``messages`` is llama-server's business, but it answers a message without a string
+    ``role``, a ``name`` that is not a string, or a text part without a string ``text``
+    with 500 "Failed to parse messages" (b11434) — a client's error that would read as a
+    server fault. The node refuses those cases itself, with the 400 they are; it leaves
+    everything else (which llama-server answers 400 itself) alone.
+    """
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        if not isinstance(message.get("role"), str):
+            return f"messages[{i}]: 'role' is required and must be a string"
+        if "name" in message and not isinstance(message["name"], str):
+            return f"messages[{i}]: 'name' must be a string"
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str):
+                return f"messages[{i}].content[{j}]: a text part needs 'text', a string"
+    return None
 
 
 def _unavailable(spec: Any) -> str:

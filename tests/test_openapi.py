@@ -300,6 +300,10 @@ async def test_node_answers_match_the_document(openapi: OpenAPI, raw_spec: dict[
             ("/v1/completions", b'{"prompt": "x"}', 400, "missing_model"),
             ("/v1/embeddings", b'{"model": "alpha", "input": "x"}', 400, "wrong_model_kind"),
             ("/v1/chat/completions", b'{"model": "ghost", "messages": []}', 400, "wrong_model_kind"),
+            # what llama-server would answer 500: the node refuses it (400)
+            ("/v1/chat/completions", b'{"model": "a", "messages": [{"content": "x"}]}', 400, "invalid_request"),
+            ("/v1/chat/completions", b'{"model": "a", "messages": [{"role": "u", "content": [{"type": "text"}]}]}',
+             400, "invalid_request"),
             ("/v1/embeddings", b'{"model": "ghost", "input": "x"}', 503, None),
             ("/v1/completions", b'{"model": "a", "prompt": "' + b"x" * 4096 + b'"}', 413, "request_too_large"),
         ]
@@ -443,7 +447,8 @@ async def test_proxied_answers_match_the_document(openapi: OpenAPI, raw_spec: di
         # streams: every event against the documented event schema
         for path, payload, schema in [
             ("/v1/chat/completions", {**chat, "stream": True}, "ChatCompletionChunk"),
-            ("/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 3, "stream": True}, "Completion"),
+            ("/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 3, "stream": True},
+             "CompletionStreamEvent"),
         ]:
             status, headers, body = await node.call("POST", path, json.dumps(payload).encode(),
                                                     {"Content-Type": "application/json"})
