@@ -10,11 +10,17 @@ raises :class:`Rejected` (429, the model's waiting bound is reached) or
 and when the oldest waiting request of a model becomes overdue (a timer on the
 reactor's clock).
 
-Two shortcuts skip the full decision where its answer is known: a request for
+Three shortcuts skip the full decision where its answer is known: a request for
 a model that nobody waits for goes straight to a ready device with room that
-holds the model, and a place freed on a ready device goes to the oldest
-request waiting for its model. Both are what :func:`decide` would answer: a
-device that must switch is already draining (the overdue timer made it so).
+holds the model; a place freed on a ready device goes to the oldest request
+waiting for its model; a request joining a backlog of its model asks for no
+decision unless some device is free (a decision could only load it somewhere).
+They are what :func:`decide` would answer: a device that must switch is already
+draining (the overdue timer made it so). One thing moves between decisions: a
+derived ``max_switch_wait_s`` follows the measured costs, and the overdue timer
+is armed from the costs at the last decision (so fewer decisions on the hot path
+move an overdue switch by as much as the averages moved, within the stated bound,
+which is computed from the largest value the averages can take).
 """
 
 from __future__ import annotations
@@ -130,6 +136,12 @@ class Coordinator:
             if slot is not None:
                 ticket.d.callback(slot.grant(model))
                 return ticket
+        elif len(queue) + sum(s.inflight for s in self.slots.values() if s.model == model) < self.max_pending:
+            # A backlog below any bound (its model was judged able when the backlog began; a cooldown
+            # since then was answered by the decision it caused): no snapshot needed to admit it.
+            queue.append(ticket)
+            self._pump_after_arrival()
+            return ticket
         snapshots = self._snapshots()
         sizes = self._sizes()
         able = 0
@@ -150,9 +162,24 @@ class Coordinator:
             raise Rejected(model, limit, able, max(1, math.ceil(wait)))
         if queue is None:
             queue = self.queues[model] = collections.deque()
+        first = not queue
         queue.append(ticket)
-        self.pump()
+        if first:
+            self.pump()
+        else:
+            self._pump_after_arrival()
         return ticket
+
+    def _pump_after_arrival(self) -> None:
+        """One more request behind others of its model: the head, and so the bounded wait, is
+        unchanged, and no device holding it has room (else the backlog would be served), so a
+        decision can only differ when some device is free to load it (or a replica of it)."""
+        for slot in self.slots.values():
+            phase = slot.phase
+            if phase is Phase.IDLE or phase is Phase.FAILED or (
+                    (phase is Phase.READY or phase is Phase.DRAINING) and not slot.inflight):
+                self.pump()
+                return
 
     def requeue(self, model: str, arrived: float) -> Ticket:
         """A request that was granted a place but never reached its child (the

@@ -239,3 +239,25 @@ def test_stop_refuses_every_waiting_request(tmp_path):
     rig.coordinator.stop()
     assert waiting[0].check(ChildStartError) and "stopping" in str(waiting[0].value)
     assert rig.reactor.getDelayedCalls() == []
+
+
+def test_a_request_joining_a_backlog_asks_for_a_decision_only_when_a_device_is_free(tmp_path, monkeypatch):
+    import rolemesh_node.coordinator as coordinator_module
+
+    rig = Rig(tmp_path, devices=2, max_pending_requests_per_device=8)
+    calls = []
+    real = coordinator_module.decide
+    monkeypatch.setattr(coordinator_module, "decide", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = [rig.submit("a") for _ in range(3)]  # a cold burst: cpu:0 loads a, cpu:1 a replica
+    rig.ready("cpu:0")
+    rig.ready("cpu:1")
+    assert all(f for f in first)
+    [rig.submit("a") for _ in range(2)]  # both devices full (capacity 2 each): a backlog of one
+    before = len(calls)
+    joined = rig.submit("a")  # behind it, no device free: no decision needed
+    assert len(calls) == before and joined == [] and rig.coordinator.waiting("a") == 2
+    rig.slots["cpu:1"].leases[0].release()  # a place frees: the oldest waiter takes it at once
+    assert rig.coordinator.waiting("a") == 1 and joined == []
+    for lease in list(rig.slots["cpu:1"].leases):
+        lease.release()  # cpu:1 serves the last one, then has room
+    assert joined and rig.coordinator.waiting("a") == 0
