@@ -132,9 +132,7 @@ class Coordinator:
             slot.note_arrival(model)
         queue = self.queues.get(model)
         if not queue:
-            slot = self._ready_holder(model)
-            if slot is not None:
-                ticket.d.callback(slot.grant(model))
+            if self._grant_at_once(ticket):
                 return ticket
         elif len(queue) + sum(s.inflight for s in self.slots.values() if s.model == model) < self.max_pending:
             # A backlog below any bound (its model was judged able when the backlog began; a cooldown
@@ -193,25 +191,27 @@ class Coordinator:
             ticket.d.errback(ChildStartError("-", model, "the agent is stopping"))
             return ticket
         queue = self.queues.get(model)
-        if not queue:
-            slot = self._ready_holder(model)
-            if slot is not None:
-                ticket.d.callback(slot.grant(model))
-                return ticket
+        if not queue and self._grant_at_once(ticket):
+            return ticket
         if queue is None:
             queue = self.queues[model] = collections.deque()
         queue.appendleft(ticket)
         self.pump()
         return ticket
 
-    def _ready_holder(self, model: str) -> Any:
-        """A ready device serving ``model`` with room (the one with the fewest in flight)."""
+    def _grant_at_once(self, ticket: Ticket) -> bool:
+        """Nobody waits for its model: a ready device serving it with room (the one with the fewest
+        in flight) takes it now. False when there is none."""
+        model = ticket.model
         best = None
         for slot in self.slots.values():
             if slot.phase is Phase.READY and slot.model == model and slot.inflight < slot.capacity:
                 if best is None or slot.inflight < best.inflight:
                     best = slot
-        return best
+        if best is None:
+            return False
+        ticket.d.callback(best.grant(model))
+        return True
 
     def _withdraw(self, ticket: Ticket) -> None:
         queue = self.queues.get(ticket.model)
