@@ -18,6 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from rolemesh_node.auth import ApiKeys, load_api_keys
 from rolemesh_node.config import ConfigError, NodeConfig, parse_config
 from rolemesh_node.web import absolute_to_origin_form
+from tests.rawpeer import Peer
 from tests.test_supervisor_real import eventually, models_config
 
 KEY = "k-0123456789abcdef-secret"
@@ -108,57 +109,6 @@ async def test_warns_when_listening_beyond_loopback_without_keys(node_service):
 
 
 # ------------------------------------------------------------------ limits
-
-
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    return sock
-
-
-class Peer:
-    """A raw client socket that notes what came back and how the node closed it."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = _connect(port)
-        self.sock.setblocking(False)
-        self.received = b""
-        self.how: str | None = None  # "fin" or "rst" once closed
-
-    def send(self, data: bytes) -> None:
-        self.sock.setblocking(True)
-        try:
-            self.sock.sendall(data)
-        finally:
-            self.sock.setblocking(False)
-
-    def closed(self) -> bool:
-        while self.how is None:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                return False
-            except ConnectionResetError:
-                self.how = "rst"
-                break
-            if not data:
-                self.how = "fin"
-                break
-            self.received += data
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _closed(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        data = sock.recv(65536)
-        return data == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
 
 
 @pytest_twisted.ensureDeferred
@@ -291,7 +241,7 @@ async def test_connections_beyond_the_cap_get_a_clean_503_when_all_are_being_ans
     try:
         await eventually(lambda: service.node.coordinator.waiting("m") + service.node.slots["cpu:0"].inflight == 2,
                          what="two requests being answered")
-        third = _connect(service.port)
+        third = socket.create_connection(("127.0.0.1", service.port), timeout=5)
         try:
             answer = await deferToThread(third.recv, 65536)
         finally:

@@ -19,16 +19,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 
+from tests.subprocs import assert_clean_log, env, wait_until
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 AGENT = [sys.executable, "-m", "rolemesh_node.cli"]
 START_S = 30.0
@@ -36,22 +36,6 @@ STOP_S = 20.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def env() -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    return clean | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def request(port: int, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any, Any]:
@@ -139,10 +123,6 @@ class Node:
             self.proc.wait(timeout=10)
 
 
-def assert_clean(text: str) -> None:
-    assert "Traceback" not in text and "Unhandled" not in text, text
-
-
 def base_config(tmp_path: Path, port: int, **extra: Any) -> dict[str, Any]:
     return {"listen_host": "127.0.0.1", "listen_port": port, "backend": "cpu", "state_dir": str(tmp_path / "st"),
             "metrics_interval_s": 0.5, **extra}
@@ -203,7 +183,7 @@ def test_sighup_adds_removes_and_changes_models(tmp_path: Path, free_port: Any, 
         assert node.stop() == 0
     finally:
         node.kill()
-    assert_clean(node.text())
+    assert_clean_log(node.text())
 
 
 @pytest.mark.parametrize("runner", ["agent", "twistd"])
@@ -227,7 +207,7 @@ def test_invalid_reload_and_sigusr1_keep_the_node_serving(tmp_path: Path, free_p
         assert node.stop() == 0
     finally:
         node.kill()
-    assert_clean(node.text())
+    assert_clean_log(node.text())
 
 
 # --------------------------------------------------------------------------- logs
@@ -273,7 +253,7 @@ def test_logrotate_copytruncate_and_create_with_usr1(tmp_path: Path, free_port: 
         assert node.stop() == 0
     finally:
         node.kill()
-    assert_clean(node.text())
+    assert_clean_log(node.text())
 
 
 # --------------------------------------------------------------------------- drain
@@ -347,7 +327,7 @@ def test_sigterm_drains_a_stream_and_a_long_request(tmp_path: Path, free_port: A
     assert b'"error"' not in streamed["body"]
     text = node.text()
     assert "drained in" in text
-    assert_clean(text)
+    assert_clean_log(text)
 
 
 @pytest.mark.llama
@@ -372,7 +352,7 @@ def test_a_drain_out_of_time_ends_the_stream_with_an_error_event(tmp_path: Path,
     assert b"[DONE]" not in streamed["body"]
     text = node.text()
     assert "drain_timeout_s ran out with 1 request(s) left" in text
-    assert_clean(text)
+    assert_clean_log(text)
 
 
 @pytest.mark.llama
@@ -397,4 +377,4 @@ def test_a_model_file_replaced_on_disk_restarts_its_child(tmp_path: Path, free_p
         assert node.stop() == 0
     finally:
         node.kill()
-    assert_clean(node.text())
+    assert_clean_log(node.text())

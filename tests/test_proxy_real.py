@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from tests.rawpeer import Peer
 from tests.test_supervisor_real import eventually, models_config
 
 pytestmark = pytest.mark.llama
@@ -279,43 +280,13 @@ async def test_wrong_model_kind_and_validation_errors(node_service, tiny_models,
     await deferLater(reactor, 0, lambda: None)
 
 
-class _Raw:
-    """A raw client socket (non-blocking reads): what came back, and how the node closed it."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock.setblocking(False)
-        self.received = b""
-        self.how: str | None = None
-
-    def send(self, data: bytes) -> None:
-        self.sock.setblocking(True)
-        self.sock.sendall(data)
-        self.sock.setblocking(False)
-
-    def closed(self) -> bool:
-        while self.how is None:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                return False
-            except ConnectionResetError:
-                self.how = "rst"
-                break
-            if not data:
-                self.how = "fin"
-                break
-            self.received += data
-        return True
-
-
 @pytest_twisted.ensureDeferred
 async def test_slow_bodies_are_closed_by_the_deadline_and_a_real_client_is_served(node_service, tiny_models,
                                                                                     llama_server_bin):
     service = await node_service(proxy_config(tiny_models, max_client_connections=4, body_read_timeout_s=1.0))
     slow = []
     for _ in range(4):  # the cap, filled by bodies trickled a byte at a time
-        peer = _Raw(service.port)
+        peer = Peer(service.port)
         peer.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 200\r\n\r\n{")
         slow.append(peer)
@@ -340,7 +311,7 @@ async def test_an_idle_kept_alive_connection_is_kept_until_client_idle_timeout(n
     body = chat_body("tiny-a")
     ask = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    peer = _Raw(service.port)
+    peer = Peer(service.port)
     try:
         for _ in range(2):  # the second request on the same connection, after an idle pause
             peer.received = b""

@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,12 +23,13 @@ from typing import Any, Callable
 
 import pytest
 
+from tests.subprocs import REPO, assert_clean_log, env, wait_until
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 AGENT = str(BIN / "rolemesh-node-agent")
 TWISTD = str(BIN / "twistd")
-REPO = Path(__file__).resolve().parent.parent
 
 START_S = 20.0  # bound on a node coming up (Twisted's import is most of it)
 STOP_S = 10.0  # bound on a clean stop ("within a few seconds"; generous for loaded CI machines)
@@ -37,18 +37,6 @@ STOP_S = 10.0  # bound on a clean stop ("within a few seconds"; generous for loa
 
 # --------------------------------------------------------------------------
 # helpers
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy (and return it); fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def write_node_config(directory: Path, port: int) -> Path:
@@ -62,12 +50,6 @@ def write_node_config(directory: Path, port: int) -> Path:
         "  ghost:\n"
         "    path: ghost.gguf  # never there: no llama-server is needed\n")
     return path
-
-
-def env() -> dict[str, str]:
-    # this checkout first: the console scripts then run the code under test wherever the package is installed from
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONUNBUFFERED": "1",
-                                                                                  "PYTHONPATH": str(REPO)}
 
 
 def http_json(url: str, body: Any = None, timeout: float = 5.0) -> tuple[int, Any]:
@@ -144,11 +126,6 @@ def kill_pid(pid: int | None) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def assert_clean_log(text: str) -> None:
-    assert "Traceback" not in text, text
-    assert "Unhandled" not in text, text
 
 
 # --------------------------------------------------------------------------
