@@ -14,7 +14,7 @@ follows the machine's current speed without jumping on one odd sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 ALPHA = 0.3
 
@@ -57,7 +57,7 @@ class CostBook:
     # ------------------------------------------------------------ estimates
 
     def switch_s(self, model: str, device: str | None = None,
-                 sizes: dict[str, int | None] | None = None) -> float | None:
+                 sizes: Mapping[str, int | None] | None = None) -> float | None:
         """The expected load time of ``model`` on ``device`` (any device when None)."""
         if device is not None:
             avg = self._switch.get((model, device))

@@ -89,7 +89,7 @@ class SwitchPolicy:
     def max_wait(self, model: str, costs: CostBook, sizes: Mapping[str, int | None] | None = None) -> float:
         if self.max_switch_wait_s is not None:
             return self.max_switch_wait_s
-        switch = costs.switch_s(model, None, dict(sizes) if sizes else None)
+        switch = costs.switch_s(model, None, sizes)
         if switch is None:
             return self.floor_s
         drain = costs.max_service_s() or 0.0
@@ -104,7 +104,7 @@ class SwitchPolicy:
         ``min_grace_s`` (``unknown_grace_s`` while nothing is measured), at most
         the bounded wait.
         """
-        estimate = costs.switch_s(model, device, dict(sizes) if sizes else None)
+        estimate = costs.switch_s(model, device, sizes)
         grace = self.unknown_grace_s if estimate is None else max(self.min_grace_s, estimate)
         return min(grace, self.max_wait(model, costs, sizes))
 
@@ -221,7 +221,7 @@ class _Planner:
         self.wake_at = at if self.wake_at is None else min(self.wake_at, at)
 
     def cost(self, model: str, device: DeviceSnapshot) -> float:
-        estimate = self.costs.switch_s(model, device.device_id, dict(self.sizes))
+        estimate = self.costs.switch_s(model, device.device_id, self.sizes)
         return float("inf") if estimate is None else estimate
 
     def claim(self, device: DeviceSnapshot, model: str, reason: str) -> None:
@@ -360,8 +360,8 @@ def estimate_wait_s(model: str, waiting: int, devices: Sequence[DeviceSnapshot],
     if slots:
         wait = (waiting + 1) * service / slots
         if not any(d.phase is Phase.READY for d in holders):
-            wait += costs.switch_s(model, holders[0].device_id, dict(sizes) if sizes else None) or 0.0
+            wait += costs.switch_s(model, holders[0].device_id, sizes) or 0.0
         return wait
     # nobody holds it: at worst the bounded wait, a drain and a load
-    switch = costs.switch_s(model, None, dict(sizes) if sizes else None) or 0.0
+    switch = costs.switch_s(model, None, sizes) or 0.0
     return policy.max_wait(model, costs, sizes) + service + switch + waiting * service
