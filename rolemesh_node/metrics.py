@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .loopback import unframe
 from .snapshot import Phase
 from .tokens import TailWindow, read_counts
 
@@ -86,15 +87,25 @@ class NodeMetrics:
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
         self._switching: dict[str, tuple[str, str, float]] = {}  # device -> (model, reason, since)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.registry.register(_StateCollector(self))
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set: ``labels()`` takes a lock and
+        checks its arguments on every call, too much for every request."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def model_label(self, name: Any) -> str:
         return name if isinstance(name, str) and name in self.node.config.models else "-"
 
     def request_done(self, route: str, model: Any, status: int, seconds: float) -> None:
         label = self.model_label(model)
-        self.requests.labels(route, label, str(status)).inc()
-        self.latency.labels(route, label).observe(seconds)
+        self.child(self.requests, route, label, str(status)).inc()
+        self.child(self.latency, route, label).observe(seconds)
 
     def meter(self, model: str, stream: bool, started: float, clock: Callable[[], float]) -> "RequestMeter":
         """The meter of one proxied request (``started``: its arrival on ``clock``)."""
@@ -161,13 +172,14 @@ class RequestMeter:
 
     def granted(self, waited_s: float) -> None:
         """A device took the request after ``waited_s`` in the queue."""
-        self.metrics.queue_wait.labels(self.model).observe(max(0.0, waited_s))
+        self.metrics.child(self.metrics.queue_wait, self.model).observe(max(0.0, waited_s))
 
-    def chunk(self, data: bytes) -> None:
-        """A chunk of the child's body was relayed (the hot path: no parsing here)."""
+    def chunk(self, data: bytes, framed: bool = False) -> None:
+        """A chunk of the child's body was relayed (the hot path: no parsing here); ``framed``:
+        ``data`` is whole HTTP chunks, framing included."""
         if self.first_at is None:
             self.first_at = self.clock()
-        self.window.feed(data)
+        self.window.feed(data, framed)
 
     def done(self, status: int) -> None:
         """The child's body ended: time to first token (streams), tokens (from the last chunks)."""
@@ -175,11 +187,11 @@ class RequestMeter:
             return
         metrics = self.metrics
         if self.stream and self.first_at is not None:
-            metrics.ttft.labels(self.model).observe(self.first_at - self.started)
-        counts = read_counts(self.window.text())
+            metrics.child(metrics.ttft, self.model).observe(self.first_at - self.started)
+        counts = read_counts(self.window.text(unframe))
         if counts is not None:
-            metrics.tokens.labels(self.model, "prompt").inc(counts.prompt)
-            metrics.tokens.labels(self.model, "completion").inc(counts.completion)
+            metrics.child(metrics.tokens, self.model, "prompt").inc(counts.prompt)
+            metrics.child(metrics.tokens, self.model, "completion").inc(counts.completion)
 
 
 class _NullMeter:
@@ -190,7 +202,7 @@ class _NullMeter:
     def granted(self, waited_s: float) -> None:
         pass
 
-    def chunk(self, data: bytes) -> None:
+    def chunk(self, data: bytes, framed: bool = False) -> None:
         pass
 
     def done(self, status: int) -> None:

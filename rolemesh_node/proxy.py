@@ -42,22 +42,20 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
+from os import urandom
 from time import perf_counter
 from typing import Any, Union
 
-from twisted.internet.defer import CancelledError, fail, succeed
+from twisted.internet.defer import CancelledError, fail
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
 from .coordinator import ModelRemoved, NoDevice, Rejected
 from .errors import error_body, set_error
@@ -92,30 +90,6 @@ ERROR_BODY_MAX = 64 * 1024
 REBIND_WAIT_S = 1.0
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """An ``IBodyProducer`` for bytes already in memory (written in one go)."""
-
-    __slots__ = ("body", "length")
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Any:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 def request_id(request: Any) -> bytes:
     """The client's ``X-Request-Id`` when it is sane, else a new one."""
     given = request.getHeader(b"x-request-id")
@@ -123,7 +97,7 @@ def request_id(request: Any) -> bytes:
         raw = given.encode("latin-1", "replace") if isinstance(given, str) else given
         if _REQUEST_ID.match(raw):
             return raw
-    return uuid.uuid4().hex.encode()
+    return urandom(16).hex().encode()
 
 
 class ProxyResource:
@@ -131,10 +105,11 @@ class ProxyResource:
 
     isLeaf = True
 
-    def __init__(self, node: Node, agent: Any, reactor: Any, stream_agent: Any = None) -> None:
+    def __init__(self, node: Node, client: Any, reactor: Any) -> None:
         self.node = node
-        self.agent = agent
-        self.stream_agent = stream_agent if stream_agent is not None else agent
+        #: ``post(port, path, body, accept=, request_id=, keep_alive=)`` to a child: a
+        #: :class:`~rolemesh_node.loopback.LoopbackClient` (or an ``AgentClient`` in memory tests)
+        self.client = client
         self.reactor = reactor
         self.metrics: Any = None  # a NodeMetrics, when metrics are on
         self._clock = perf_counter
@@ -215,7 +190,7 @@ class ProxyResource:
         except (NoDevice, NotReady) as exc:
             return set_error(request, 503, str(exc), "no_device")
         stream = payload.get("stream") is True
-        _Exchange(self, request, body, spec.name, ticket, stream, started).begin()
+        _Exchange(self, request, body, spec.name, ticket, stream, started, rid).begin()
         return NOT_DONE_YET
 
 
@@ -231,7 +206,13 @@ class _Relay(Protocol):
         self.exchange.relay_started(self.transport, self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.exchange.chunk(data)
+        self.exchange.chunk(data, data)
+
+    def raw_received(self, out: bytes, text: bytes | None) -> None:
+        """The child's bytes as they are to be written (its chunk framing included); ``text``: the
+        payload, or None when ``out`` is whole chunks as the child framed them
+        (see :mod:`rolemesh_node.loopback`)."""
+        self.exchange.chunk(out, text)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.exchange.body_done(reason)
@@ -342,13 +323,15 @@ class _Exchange:
     """
 
     __slots__ = ("proxy", "request", "body", "model", "stream", "started", "arrived", "state", "slot", "status",
-                 "client_gone", "committed", "chunks", "rebound", "meter")
+                 "client_gone", "committed", "chunks", "rebound", "meter", "rid", "framed")
 
     def __init__(self, proxy: ProxyResource, request: Any, body: bytes, model: str, ticket: Any,
-                 stream: bool, started: float) -> None:
+                 stream: bool, started: float, rid: bytes) -> None:
         self.proxy = proxy
         self.request = request
         self.body = body
+        self.rid = rid
+        self.framed = False  # the child's chunk framing goes to the client as it is (see _deliver)
         self.model = model
         self.stream = stream
         self.started = started
@@ -445,19 +428,15 @@ class _Exchange:
         request = self.request
         if not self.committed:
             request.setHeader(b"x-rolemesh-device", self.slot.id.encode())
-        headers = Headers({
-            b"content-type": [b"application/json"],
-            b"accept": [request.getHeader(b"accept") or b"*/*"],
-            b"x-request-id": [request.responseHeaders.getRawHeaders(b"x-request-id")[0]],
-        })
-        url = b"http://127.0.0.1:%d%s" % (lease.port, request.path)
         state = Sent(lease)
         self._enter(state)
         # The deadline counts from when the child has a slot for this request,
         # not while it waits inside the child behind another one.
         lease.when_running(self._turn)
-        agent = self.proxy.stream_agent if self.stream else self.proxy.agent
-        state.pending = agent.request(b"POST", url, headers, BytesProducer(self.body))
+        # llama-server closes the connection after a streamed answer: a stream says so up front
+        state.pending = self.proxy.client.post(lease.port, request.path, self.body,
+                                               accept=request.getHeader(b"accept") or b"*/*",
+                                               request_id=self.rid, keep_alive=not self.stream)
         state.pending.addCallbacks(self._response, self._upstream_failed)
 
     # ------------------------------------------------------------ deadlines
@@ -468,13 +447,19 @@ class _Exchange:
             state.turn_at = self.proxy.reactor.seconds()
             self._look(state)
 
-    def _look(self, state: Any) -> None:
+    def _look(self, state: Any = None) -> None:
         """Has it gone ``request_timeout_s`` without progress? (Looked at lazily, never per chunk.)
 
         Sent or held (no headers yet): progress is its child's, from the
         liveness check's ``/slots`` reading. Relaying: chunks relayed since the
-        last look (looked at every quarter of the timeout)."""
-        if self.state is not state:
+        last look (looked at every quarter of the timeout). One timer serves
+        an exchange from its turn to its end: *relaying* takes over the timer
+        of *sent* (the timer looks at whatever state the exchange is in)."""
+        if state is None:
+            state = self.state
+        elif self.state is not state:
+            return
+        if not isinstance(state, (Sent, Held, Relaying)):
             return
         reactor, timeout = self.proxy.reactor, self.proxy.config.request_timeout_s
         now = reactor.seconds()
@@ -491,7 +476,7 @@ class _Exchange:
             state.deadline = None
             self._timed_out(state)
         else:
-            state.deadline = reactor.callLater(period, self._look, state)
+            state.deadline = reactor.callLater(period, self._look)
 
     def _timed_out(self, state: Any) -> None:
         """``request_timeout_s`` without progress: only this request ends (504); the child is checked, not killed."""
@@ -532,10 +517,13 @@ class _Exchange:
             if isinstance(state, Held):
                 self._enter(Done())
             return
-        relaying = Relaying(state.lease, last_progress=self.proxy.reactor.seconds())
+        relaying = Relaying(state.lease, deadline=state.deadline, last_progress=self.proxy.reactor.seconds())
         self._enter(relaying)
         if self.committed:  # the head went out with the first comment
-            response.deliverBody(_Relay(self) if response.code == 200 else _ErrorEvent(self, response.code))
+            if response.code == 200:
+                self._deliver(response)
+            else:
+                response.deliverBody(_ErrorEvent(self, response.code))
         else:
             self.status = response.code
             request = self.request
@@ -547,8 +535,36 @@ class _Exchange:
                     out.setRawHeaders(name, values)
             if response.length is not UNKNOWN_LENGTH:  # the client reads it as llama-server sent it, not chunked
                 out.setRawHeaders(b"content-length", [b"%d" % response.length])
-            response.deliverBody(_Relay(self))
-        self._look(relaying)
+            self._deliver(response)
+        if relaying.deadline is None:  # its turn in the child was not seen: look from now on
+            self._look(relaying)
+
+    def _deliver(self, response: Any) -> None:
+        """Relay the body: as the child framed it when the client gets the same framing (both
+        chunked, or both with a length), else decoded and framed again by ``twisted.web``
+        (an HTTP/1.0 client, or an ``Agent``'s response)."""
+        request = self.request
+        relay = _Relay(self)
+        chunked = getattr(response, "chunked", None)
+        if chunked is None:  # an Agent's IResponse: decoded
+            response.deliverBody(relay)
+            return
+        if not request.startedWriting:
+            request.write(b"")  # the head goes out; request.chunked now says how the body must go
+        # a stream goes out in whole chunks (whole SSE events), so that one broken off can end with an event
+        if bool(request.chunked) != chunked:
+            response.deliverBody(relay, whole=self.stream)
+            return
+        if chunked:
+            request.chunked = 0  # twisted.web frames nothing more: the child's chunks go through
+            self.framed = True
+        response.deliverBody(relay, raw=True, whole=self.stream)
+
+    def _own_framing(self) -> None:
+        """The node writes bytes of its own after relayed ones: twisted.web frames them again."""
+        if self.framed:
+            self.framed = False
+            self.request.chunked = 1
 
     def _upstream_failed(self, failure: Failure) -> None:
         state = self.state
@@ -604,11 +620,16 @@ class _Exchange:
         else:
             transport.stopProducing()
 
-    def chunk(self, data: bytes) -> None:
+    def chunk(self, out: bytes, text: bytes | None) -> None:
+        """Relay ``out`` (a read of the child's body); ``text``: the same without framing, or
+        None when ``out`` is whole chunks as the child framed them."""
         self.chunks += 1
-        self.meter.chunk(data)
+        if text is None:
+            self.meter.chunk(out, True)
+        else:
+            self.meter.chunk(text)
         if not self.client_gone:
-            self.request.write(data)
+            self.request.write(out)
 
     def body_done(self, reason: Failure) -> None:
         state = self.state
@@ -630,7 +651,8 @@ class _Exchange:
         request = self.request
         if state.producer is not None:
             request.unregisterProducer()
-        if self.stream:
+        self._own_framing()
+        if self.stream and not request.responseHeaders.hasHeader(b"content-length"):
             message = f"the llama-server for model {self.model!r} on device {self.slot.id} failed mid-stream: {why}"
             request.write(b"data: " + error_body(502, message, "upstream_failed") + b"\n\n")
             self._finish()
@@ -683,6 +705,7 @@ class _Exchange:
         if not self.client_gone:
             if getattr(state, "producer", None) is not None:
                 request.unregisterProducer()  # the relay is the producer of a body being relayed
+            self._own_framing()
             if not request.startedWriting:
                 self._error(503, message, "node_stopping")
             elif self.stream:
@@ -721,6 +744,7 @@ class _Exchange:
         if self.client_gone:
             return
         if self.committed:  # the 200 is gone: an SSE error event, as for a failure mid-stream
+            self._own_framing()
             self.request.write(b"data: " + error_body(status, message, code) + b"\n\n")
             self._finish()
             return

@@ -47,6 +47,7 @@ from .dispatcher import DispatcherLink, default_advertise_url
 from .drain import Drain
 from .hosts import is_loopback_host
 from .identity import node_id as resolve_node_id
+from .loopback import LoopbackClient
 from .metrics import NodeMetrics
 from .node import Node
 from .proxy import ROUTES, ProxyResource
@@ -186,11 +187,8 @@ class NodeService(MultiService):
         self.pool = make_pool(reactor, config)
         endpoints = LoopbackEndpoints(reactor)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
-        # Streams get a connection of their own: llama-server closes the
-        # connection after a chunked (streamed) response although it announced
-        # keep-alive, so a pooled one would be dead for the next request.
-        self.stream_agent = Agent.usingEndpointFactory(reactor, endpoints,
-                                                       pool=make_pool(reactor, config, persistent=False))
+        # the proxy's own client for the children (the hot path: bodies passed through)
+        self.upstream = LoopbackClient(reactor, idle_s=UPSTREAM_IDLE_S)
         # probes to the children go through the loopback agent; the dispatcher
         # (any host, http or https) through a standard one on the same pool
         self.child_http = treq.client.HTTPClient(self.agent)
@@ -198,7 +196,7 @@ class NodeService(MultiService):
         self.node = Node(config, reactor, self.child_http, resolve_node_id(config))
         self.runtime = NodeRuntime(self.node, reactor)
         self.runtime.setServiceParent(self)
-        self.proxy = ProxyResource(self.node, self.agent, reactor, stream_agent=self.stream_agent)
+        self.proxy = ProxyResource(self.node, self.upstream, reactor)
         self.keys = load_api_keys(config)
         self.metrics = NodeMetrics(self.node)
         self.proxy.metrics = self.metrics
@@ -259,6 +257,7 @@ class NodeService(MultiService):
         d.addCallback(lambda _: MultiService.stopService(self))
 
         def close_pool(result: Any) -> Deferred[Any]:
+            self.upstream.close_idle()
             return self.pool.closeCachedConnections().addBoth(lambda _: result)
 
         def flush_access_log(result: Any) -> Any:

@@ -19,30 +19,40 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 #: bytes kept from the end of a body
 WINDOW = 16 * 1024
+_DECODER = json.JSONDecoder()
 
 
 class TailWindow:
-    """The last chunks of a body, at least ``WINDOW`` bytes of them."""
+    """The last chunks of a body, at least ``WINDOW`` bytes of them.
 
-    __slots__ = ("chunks", "size")
+    A chunk fed with ``framed`` is whole HTTP chunks with their framing (a
+    read the proxy passed through as the child framed it): ``text`` takes the
+    framing off with ``unframe``, once, at the end."""
+
+    __slots__ = ("chunks", "size", "framed")
 
     def __init__(self) -> None:
         self.chunks: collections.deque[bytes] = collections.deque()
+        self.framed: collections.deque[bool] = collections.deque()
         self.size = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, framed: bool = False) -> None:
         chunks = self.chunks
         chunks.append(data)
+        self.framed.append(framed)
         self.size += len(data)
         while self.size - len(chunks[0]) >= WINDOW:
             self.size -= len(chunks.popleft())
+            self.framed.popleft()
 
-    def text(self) -> bytes:
-        return b"".join(self.chunks)
+    def text(self, unframe: Callable[[bytes], bytes] | None = None) -> bytes:
+        if unframe is None or not any(self.framed):
+            return b"".join(self.chunks)
+        return b"".join(unframe(c) if f else c for c, f in zip(self.chunks, self.framed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,24 +81,16 @@ def _count(value: Any) -> bool:
 
 
 def _last_object(text: bytes, key: bytes) -> dict[str, Any] | None:
-    """The JSON object after the last ``key:`` in ``text`` (numbers and nested objects, as usage holds)."""
+    """The JSON object after the last ``key:`` in ``text`` (numbers and nested objects, as usage holds),
+    read by the json module's C scanner (``raw_decode`` stops at the object's end)."""
     at = text.rfind(key)
     if at < 0:
         return None
     start = text.find(b"{", at + len(key))
     if start < 0 or text[at + len(key):start].strip(b" \t\r\n:"):
         return None
-    depth = 0
-    for end in range(start, min(len(text), start + 4096)):
-        char = text[end]
-        if char == 0x7B:  # {
-            depth += 1
-        elif char == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                try:
-                    value = json.loads(text[start:end + 1])
-                except ValueError:
-                    return None
-                return value if isinstance(value, dict) else None
-    return None
+    try:
+        value, _end = _DECODER.raw_decode(text[start:start + 4096].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

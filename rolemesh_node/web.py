@@ -138,19 +138,18 @@ class NodeChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.since = self.factory.clock.seconds()
-        self._arm(self.header_timeout_s, self._headers_too_slow)
+        self._watch()
         self.factory.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.phase is IDLE:  # a kept-alive connection's next request begins
             self._enter(HEADERS)
-            self._arm(self.header_timeout_s, self._headers_too_slow)
+            self._watch()
         elif self.phase is NEW:
             self.phase = HEADERS  # its deadline still counts from the connect
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        self._disarm()
         request = self.requests[-1]
         length = self.length
         if length and length > request.max_body_bytes and self._version == b"HTTP/1.1":
@@ -164,10 +163,9 @@ class NodeChannel(HTTPChannel):
         super().allHeadersReceived()
         if length != 0:
             self._enter(BODY)
-            self._arm(self.body_timeout_s, self._body_too_slow)
+            self._watch()
 
     def allContentReceived(self) -> None:
-        self._disarm()
         self._enter(BUSY)
         super().allContentReceived()
 
@@ -183,14 +181,47 @@ class NodeChannel(HTTPChannel):
         super().connectionLost(reason)
 
     # ------------------------------------------------------------ deadlines
+    #
+    # One timer per connection, moved only sooner and looked at when it fires:
+    # a phase change sets ``phase`` and ``since`` and nothing else, unless the
+    # new phase's deadline comes before the timer. A kept-alive connection
+    # serving request after request arms about one timer per
+    # header_read_timeout_s, not two per request.
+
+    def _due(self) -> float | None:
+        """When the current phase's deadline passes (None: the node is not waiting on the client)."""
+        if self.phase is NEW or self.phase is HEADERS:
+            return self.since + self.header_timeout_s
+        if self.phase is BODY:
+            return self.since + self.body_timeout_s
+        return None
 
     def _enter(self, phase: str) -> None:
         self.phase = phase
         self.since = self.factory.clock.seconds()
 
-    def _arm(self, seconds: float, then: Callable[[], None]) -> None:
-        self._disarm()
-        self._deadline = self.callLater(seconds, then)
+    def _watch(self) -> None:
+        """The timer fires no later than the current phase's deadline."""
+        due = self._due()
+        if due is None:
+            return
+        timer = self._deadline
+        if timer is None:
+            self._deadline = self.callLater(max(0.0, due - self.factory.clock.seconds()), self._look)
+        elif timer.getTime() > due:
+            timer.reset(max(0.0, due - self.factory.clock.seconds()))
+
+    def _look(self) -> None:
+        self._deadline = None
+        due = self._due()
+        if due is None:
+            return  # answering, or kept alive idle (Twisted's own idle timeout): armed again at the next request
+        if self.factory.clock.seconds() < due:
+            self._watch()
+        elif self.phase is BODY:
+            self._body_too_slow()
+        else:
+            self._headers_too_slow()
 
     def _disarm(self) -> None:
         timer, self._deadline = self._deadline, None
@@ -198,11 +229,9 @@ class NodeChannel(HTTPChannel):
             timer.cancel()
 
     def _headers_too_slow(self) -> None:
-        self._deadline = None
         self.evict(f"request headers not complete within header_read_timeout_s={self.header_timeout_s:g}s")
 
     def _body_too_slow(self) -> None:
-        self._deadline = None
         self.evict(f"request body not complete within body_read_timeout_s={self.body_timeout_s:g}s")
 
     def evict(self, why: str) -> None:

@@ -26,6 +26,7 @@ from rolemesh_node.config import ModelSpec, NodeConfig
 from rolemesh_node.devices.base import DeviceRef
 from rolemesh_node.devices.cpu import CpuBackend
 from rolemesh_node.llama_server import ChildState, ExitInfo
+from rolemesh_node.loopback import AgentClient
 from rolemesh_node.node import Node
 from rolemesh_node.proxy import REBIND_WAIT_S, Done, Held, ProxyResource, Relaying, Sent, _Exchange
 
@@ -136,7 +137,7 @@ class World:
         self.slot._port_picker = lambda: next(self.ports)
         self.slot._child_factory = self._child
         self.exchanges: list[_Exchange] = []
-        self.proxy = ProxyResource(self.node, self.upstream, self.clock)
+        self.proxy = ProxyResource(self.node, AgentClient(self.upstream), self.clock)
         self.client = StubTreq(self.proxy)
         self.clock.advance(0)
         self.slot.ensure_server(self.config.models["m"])

@@ -1,0 +1,579 @@
+"""The proxy's client for its own children: HTTP/1.1 on loopback, the body passed through.
+
+Why not ``treq``/``Agent`` here (they remain the node's client everywhere
+else: probes, the dispatcher): per relayed chunk, ``Agent`` decodes the
+child's chunked framing into a ``Response`` protocol and ``twisted.web``
+frames it again for the client; per request it builds a ``Request``,
+producers, a pool entry and several Deferreds. Measured in the same run as
+llama.cpp's router (``docs/performance.md``, "The relay floor"), that floor —
+``Agent`` + ``twisted.web`` with nothing of ours — costs more CPU per chunk
+than the router process, so the hot path takes this narrower road:
+
+* the request goes out as one ``write`` of bytes formatted here (the path,
+  ``Accept`` and ``X-Request-Id`` are the only variable parts, all checked);
+* the response head is parsed by Twisted's own HTTP parser
+  (``twisted.web._newclient.HTTPParser``, the one ``Agent`` uses);
+* the body is handed on **as the child sent it**: a ``Content-Length`` body
+  as it is, a chunked one with its framing (:class:`ChunkedFraming` only
+  follows it, to find the end). A read that begins and ends on chunk
+  boundaries — every read, with llama-server's one-event chunks — goes to the
+  client as the very bytes read, several chunks in one ``write``. A read that
+  splits a chunk is framed again as one chunk of its payload, so that what
+  the client has is always whole chunks, and the node can still end a broken
+  stream with an SSE error event and the terminating chunk.
+
+Delivery (:meth:`ChildResponse.deliverBody`) follows ``IResponse``'s: the
+protocol gets ``makeConnection(producer)``, the data, and
+``connectionLost(reason)`` with ``ResponseDone`` at a clean end or
+``ResponseFailed`` when the body broke off. With ``raw=True`` it gets
+``raw_received(out, text)`` instead of ``dataReceived``: ``out`` the bytes to
+write as they are (framing included), ``text`` the same bytes without any
+framing added here (what the token counter reads).
+
+Connections: one per request in flight, kept for the next only after a
+``Content-Length`` answer without ``Connection: close`` (llama-server closes
+a connection after a chunked answer; a stream asks for ``Connection: close``
+so nobody waits for it) and for at most ``idle_s`` (below llama-server's
+5 s keep-alive, so no request is written into a socket the child is
+closing). A request is never sent twice.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
+from twisted.web._newclient import HTTPParser
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+#: what a chunk-size line may hold (RFC 9112 7.1: hex digits, then optional extensions)
+_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: a chunk-size or trailer line longer than this is a protocol error
+MAX_LINE = 4096
+#: a trailer section longer than this is a protocol error
+MAX_TRAILER = 16 * 1024
+_HEADER_VALUE_OK = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
+
+
+class FramingError(Exception):
+    """The child's body framing is broken."""
+
+
+class BodyCut(Exception):
+    """The child's connection closed before the end of the body."""
+
+
+class IdentityFraming:
+    """A ``Content-Length`` body: ``left`` bytes to go."""
+
+    __slots__ = ("left",)
+    chunked = False
+
+    def __init__(self, length: int) -> None:
+        self.left = length
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes, int]:
+        """``(out, text, end)``: the body bytes in ``data`` (twice: nothing is framed here)
+        and the index after its last byte, or -1 while the body goes on."""
+        left = self.left
+        if len(data) < left:
+            self.left = left - len(data)
+            return data, data, -1
+        self.left = 0
+        if len(data) > left:
+            data = data[:left]
+        return data, data, left
+
+
+class UntilCloseFraming:
+    """A body without length or chunks: it ends when the connection closes."""
+
+    __slots__ = ()
+    chunked = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes, int]:
+        return data, data, -1
+
+
+# ChunkedFraming.state
+_SIZE_LINE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+#: ``whole`` holds back at most this much of a chunk that is still coming (past it, the payload goes on in pieces)
+MAX_HELD = 1024 * 1024
+
+
+class ChunkedFraming:
+    """Follows a chunked body's framing (RFC 9112 7.1) across reads, copying nothing it need not.
+
+    :meth:`feed` returns ``(out, text, end)``. ``end``: the index in ``data``
+    just after the body, or -1 while it goes on.
+
+    * ``raw`` (the client gets the child's framing): a read that began and
+      ended on chunk boundaries (llama-server's every read) comes back as
+      ``out = data`` itself, ``text = None`` (whole chunks, framed as the
+      child framed them). Any other read comes back as its payload framed as
+      one chunk, ``text`` that payload; the end adds the terminating chunk.
+      Trailer fields are dropped either way (a proxy may; llama-server sends
+      none).
+    * not ``raw``: ``out`` and ``text`` are the payload.
+    * ``whole`` (an SSE stream): a chunk still coming is held back (up to
+      :data:`MAX_HELD`) until it is complete, so what went out is always whole
+      chunks — whole SSE events, from llama-server — and a stream broken off
+      can still end with an SSE error event of its own.
+    """
+
+    __slots__ = ("raw", "whole", "state", "left", "size", "line", "trailer", "held")
+    chunked = True
+
+    def __init__(self, raw: bool, whole: bool = False) -> None:
+        self.raw = raw
+        self.whole = whole
+        self.state = _SIZE_LINE
+        self.left = 0  # _DATA: payload bytes to go in this chunk; _DATA_END: CRLF bytes to go
+        self.size = 0  # the current chunk's size
+        self.line = b""  # a size or trailer line split across reads
+        self.trailer = 0  # bytes of trailer fields so far
+        self.held = b""  # payload of a chunk not yet complete (whole)
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None, int]:
+        aligned = self.state == _SIZE_LINE and not self.line
+        continued = self.state == _DATA  # the read goes on with a chunk begun before it
+        spans: list[int] = []  # the payload, as [start, end, start, end, ...] in data
+        zero_at = -1  # where the last chunk's size line begins in data
+        current = 0  # spans[current:] are of the chunk being read (begun in an earlier read, or here)
+        pos, n, end = 0, len(data), -1
+        while pos < n:
+            state = self.state
+            if state == _DATA:
+                take = self.left if self.left < n - pos else n - pos
+                spans.append(pos)
+                pos += take
+                spans.append(pos)
+                self.left -= take
+                if not self.left:
+                    self.state, self.left = _DATA_END, 2
+            elif state == _DATA_END:
+                got = data[pos:pos + self.left]
+                if not b"\r\n"[2 - self.left:].startswith(got):
+                    raise FramingError("a chunk's data is not followed by CRLF")
+                pos += len(got)
+                self.left -= len(got)
+                if not self.left:
+                    self.state = _SIZE_LINE
+            else:  # a line: a chunk size, or a trailer field / the empty line that ends the body
+                eol = data.find(b"\n", pos)
+                if eol < 0:
+                    self.line += data[pos:]
+                    if len(self.line) > MAX_LINE:
+                        raise FramingError("a chunk-size or trailer line is too long")
+                    pos = n
+                    break
+                line = data[pos:eol] if not self.line else self.line + data[pos:eol]
+                began, pos = pos, eol + 1
+                self.line = b""
+                if line[-1:] == b"\r":
+                    line = line[:-1]
+                if state == _SIZE_LINE:
+                    digits = line.split(b";", 1)[0].strip(b" \t")
+                    if not _SIZE.fullmatch(digits):
+                        raise FramingError(f"bad chunk-size line {line[:40]!r}")
+                    size = int(digits, 16)
+                    if size:
+                        self.state, self.left, self.size = _DATA, size, size
+                        current, continued = len(spans), False
+                    else:
+                        self.state, zero_at = _TRAILER, began
+                elif line:  # a trailer field
+                    self.trailer += len(line)
+                    if self.trailer > MAX_TRAILER:
+                        raise FramingError("the trailer section is too long")
+                else:
+                    self.state = _DONE
+                    end = pos
+                    break
+        done = end >= 0
+        if self.raw and aligned and (self.state == _SIZE_LINE and not self.line or done):
+            if not done or (end == n and not self.trailer):
+                return data, None, end  # the fast path: whole chunks, as the child sent them
+            if not self.trailer:
+                return data[:end], None, end
+            return data[:zero_at] + b"0\r\n\r\n", None, end
+        payload = data[spans[0]:spans[1]] if len(spans) == 2 else b"".join(
+            [data[spans[i]:spans[i + 1]] for i in range(0, len(spans), 2)])
+        if self.whole:
+            partial = 0
+            if self.state == _DATA and self.size <= MAX_HELD:
+                partial = (spans[-1] - spans[-2] if len(spans) > current else 0) + (len(self.held) if continued else 0)
+            payload = self._whole(payload, partial)
+        if not self.raw:
+            return payload, payload, end
+        out = b"%x\r\n%s\r\n" % (len(payload), payload) if payload else b""
+        if done:
+            out += b"0\r\n\r\n"
+        return out, payload, end
+
+    def _whole(self, payload: bytes, partial: int) -> bytes:
+        """Of ``payload`` (after what is held), the whole chunks; ``partial``: the bytes at its end
+        of a chunk still coming, held back now."""
+        if self.held:
+            payload, self.held = self.held + payload, b""
+        if not partial:
+            return payload
+        cut = len(payload) - partial
+        self.held = payload[cut:]
+        return payload[:cut]
+
+
+class ChildResponse:
+    """The child's answer: status, headers, and the body to come (``IResponse``-like)."""
+
+    __slots__ = ("code", "phrase", "headers", "length", "chunked", "_conn")
+
+    def __init__(self, conn: "_ChildConnection", code: int, phrase: bytes, headers: Headers, length: Any,
+                 chunked: bool) -> None:
+        self._conn = conn
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers  # without the connection-control ones (length, framing, keep-alive)
+        self.length = length  # the Content-Length, or UNKNOWN_LENGTH
+        self.chunked = chunked
+
+    def deliverBody(self, protocol: Any, raw: bool = False, whole: bool = False) -> None:
+        """``raw``: as the child framed it (see :class:`ChunkedFraming`); ``whole``: only whole chunks."""
+        self._conn.deliver(protocol, raw, whole)
+
+
+class _ChildConnection(HTTPParser):
+    """One connection to a child, reused request after request while the child keeps it."""
+
+    def __init__(self, client: "LoopbackClient", port: int) -> None:
+        self.client = client
+        self.port = port
+        self.connected = False
+        self.first: tuple[Deferred[ChildResponse], bytes, bool] | None = None  # sent once connected
+        self.idle_since = 0.0
+        self._clear(None, False)
+
+    def _clear(self, call: Deferred[ChildResponse] | None, keep_alive: bool) -> None:
+        self.call = call  # fires with the head
+        self.keep = keep_alive  # may serve another request after this answer
+        self.received = False  # any byte of the current answer
+        self.framing: Any = None  # set from the head until the body's end
+        self.body: Any = None  # the protocol the body goes to
+        self.raw = False
+        self.early: list[bytes] = []  # body bytes that came before deliverBody
+        self.ended: Failure | None = None  # the body's end, when it came before deliverBody
+
+    # -------------------------------------------------------------- requests
+
+    def send(self, call: Deferred[ChildResponse], request: bytes, keep_alive: bool) -> None:
+        self._clear(call, keep_alive)
+        HTTPParser.connectionMade(self)  # a fresh head: headers, state STATUS
+        self.setLineMode()
+        self.transport.write(request)
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        first, self.first = self.first, None
+        if first is not None and not first[0].called:
+            self.send(*first)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received = True
+        try:
+            if self.body is not None and not self.line_mode:  # the hot path: a body being relayed
+                self._body_bytes(data)
+            elif self.call is not None or self.framing is not None:
+                HTTPParser.dataReceived(self, data)
+            else:  # nothing asked for it: a child talking out of turn
+                self.keep = False
+                self.transport.abortConnection()
+        except FramingError as exc:
+            self._broken(Failure(exc))
+
+    # ------------------------------------------------------------------ head
+
+    def statusReceived(self, status: bytes) -> None:
+        parts = status.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise FramingError(f"bad status line {status[:60]!r}")
+        self.version = parts[0]
+        self.code = int(parts[1])
+        self.phrase = parts[2] if len(parts) == 3 else b""
+
+    def allHeadersReceived(self) -> None:
+        conn = self.connHeaders
+        encodings = conn.getRawHeaders(b"transfer-encoding")
+        lengths = conn.getRawHeaders(b"content-length")
+        if encodings is not None:
+            if [e.strip().lower() for e in b",".join(encodings).split(b",")] != [b"chunked"]:
+                raise FramingError(f"unsupported transfer-encoding {encodings!r}")
+            framing: Any = ChunkedFraming(raw=False)  # raw or not: see deliver()
+            length = UNKNOWN_LENGTH
+        elif lengths is not None:
+            if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
+                raise FramingError(f"bad content-length {lengths!r}")
+            length = int(lengths[0])
+            framing = IdentityFraming(length)
+        else:
+            framing, length = UntilCloseFraming(), UNKNOWN_LENGTH
+        connection = b",".join(conn.getRawHeaders(b"connection") or ()).lower()
+        if self.version != b"HTTP/1.1" or b"close" in connection or not isinstance(framing, IdentityFraming):
+            self.keep = False  # llama-server closes after a chunked answer whatever it announced
+        self.framing = framing
+        self.switchToBodyMode(None)
+        call, self.call = self.call, None
+        if call is not None:
+            call.callback(ChildResponse(self, self.code, self.phrase, self.headers, length, framing.chunked))
+        if length == 0 and self.framing is framing:
+            self._body_bytes(b"")
+
+    # ------------------------------------------------------------------ body
+
+    def deliver(self, protocol: Any, raw: bool, whole: bool) -> None:
+        if isinstance(self.framing, ChunkedFraming):
+            self.framing.raw, self.framing.whole = raw, whole
+        self.raw = raw
+        self.body = protocol
+        protocol.makeConnection(self)
+        early, self.early = self.early, []
+        for data in early:
+            if self.body is not protocol or self.framing is None:
+                break
+            self._body_bytes(data)
+        ended, self.ended = self.ended, None
+        if ended is not None and self.body is protocol:
+            self.framing = None
+            self._end(ended)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self._body_bytes(data)
+
+    def _body_bytes(self, data: bytes) -> None:
+        body = self.body
+        if body is None:
+            self.early.append(data)
+            return
+        out, text, end = self.framing.feed(data)
+        if out or text:
+            if self.raw:
+                body.raw_received(out, text)
+            else:
+                body.dataReceived(out)
+        if end < 0 or self.body is not body:
+            return
+        # the end of the body: the connection is let go (or kept) before the
+        # receiver hears of it, so a request it sends at once may reuse it
+        self.framing = None
+        self.body = None
+        if end < len(data):
+            self.keep = False  # bytes after the answer: nothing asked for them
+        if self.keep and self.connected:
+            self.setLineMode()
+            self.client._keep(self)
+        else:
+            self.transport.loseConnection()
+        body.connectionLost(Failure(ResponseDone()))
+
+    def _end(self, reason: Failure) -> None:
+        body, self.body = self.body, None
+        if body is None:
+            self.ended = reason  # told when deliverBody comes
+        else:
+            body.connectionLost(reason)
+
+    def _broken(self, failure: Failure) -> None:
+        """The child broke the protocol: drop the connection; whoever waits gets the failure."""
+        self.keep = False
+        call, self.call = self.call, None
+        self.transport.abortConnection()
+        if call is not None:
+            call.errback(ResponseFailed([failure]))
+        elif self.framing is not None:
+            self.framing = None
+            self._end(Failure(ResponseFailed([failure])))
+
+    # ------------------------------------------------------- the connection
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self.client._gone(self)
+        call, self.call = self.call, None
+        if call is not None:
+            call.errback(ResponseFailed([reason]) if self.received else ResponseNeverReceived([reason]))
+            return
+        framing = self.framing
+        if framing is None:
+            return
+        if isinstance(framing, UntilCloseFraming):
+            end = Failure(ResponseDone())
+        else:
+            end = Failure(ResponseFailed([reason, Failure(BodyCut(
+                "the child closed the connection before the end of the body"))]))
+        if self.body is None:
+            self.ended = end  # the bytes that came first are relayed first (deliver)
+            return
+        self.framing = None
+        self._end(end)
+
+    # IPushProducer, for the body's receiver
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The receiver gives up on the body: the connection cannot be reused."""
+        self.keep = False
+        self.transport.abortConnection()
+
+
+class _Connect(ClientFactory):
+    """Connects one ``_ChildConnection`` (which then sends its first request)."""
+
+    noisy = False
+
+    def __init__(self, conn: _ChildConnection) -> None:
+        self.conn = conn
+
+    def buildProtocol(self, addr: Any) -> _ChildConnection:
+        return self.conn
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        conn = self.conn
+        conn.client._gone(conn)
+        first, conn.first = conn.first, None
+        if first is not None and not first[0].called:
+            first[0].errback(reason)
+
+
+class LoopbackClient:
+    """POSTs to the children on 127.0.0.1 (see the module's docstring)."""
+
+    def __init__(self, reactor: Any, idle_s: float = 2.0, max_idle_per_port: int = 8,
+                 connect_timeout_s: float = 5.0) -> None:
+        self.reactor = reactor
+        self.idle_s = idle_s
+        self.max_idle_per_port = max_idle_per_port
+        self.connect_timeout_s = connect_timeout_s
+        self._idle: dict[int, list[_ChildConnection]] = {}
+        #: every connection, connecting, busy or kept
+        self.open: set[_ChildConnection] = set()
+
+    def post(self, port: int, path: bytes, body: bytes, *, accept: bytes, request_id: bytes,
+             keep_alive: bool = True) -> Deferred[ChildResponse]:
+        """Send ``body`` to the child on ``port``; fires with its answer's head (the body follows)."""
+        if not _HEADER_VALUE_OK.match(accept):
+            accept = b"*/*"
+        request = (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                   b"Accept: %s\r\nX-Request-Id: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+                   % (path, port, accept, request_id, len(body),
+                      b"" if keep_alive else b"Connection: close\r\n", body))
+        conn = self._take(port) if keep_alive else None
+        if conn is not None:
+            call: Deferred[ChildResponse] = Deferred(lambda d: self._cancel(conn, d))
+            conn.send(call, request, keep_alive)
+            return call
+        conn = _ChildConnection(self, port)
+        connector: Any = None
+
+        def cancel(d: Deferred[ChildResponse]) -> None:
+            if conn.first is not None:  # still connecting
+                conn.first = None
+                connector.stopConnecting()
+            else:
+                self._cancel(conn, d)
+
+        call = Deferred(cancel)
+        conn.first = (call, request, keep_alive)
+        self.open.add(conn)
+        connector = self.reactor.connectTCP("127.0.0.1", port, _Connect(conn), timeout=self.connect_timeout_s)
+        return call
+
+    def _cancel(self, conn: _ChildConnection, d: Deferred[ChildResponse]) -> None:
+        if conn.call is d:
+            conn.call = None
+            conn.keep = False
+            conn.transport.abortConnection()
+
+    def _take(self, port: int) -> _ChildConnection | None:
+        idle = self._idle.get(port)
+        if not idle:
+            return None
+        now = self.reactor.seconds()
+        while idle:
+            conn = idle.pop()
+            if conn.connected and now - conn.idle_since < self.idle_s:
+                return conn
+            conn.transport.loseConnection()
+        return None
+
+    def _keep(self, conn: _ChildConnection) -> None:
+        idle = self._idle.setdefault(conn.port, [])
+        conn.idle_since = self.reactor.seconds()
+        if len(idle) >= self.max_idle_per_port:
+            idle.pop(0).transport.loseConnection()
+        idle.append(conn)
+
+    def _gone(self, conn: _ChildConnection) -> None:
+        self.open.discard(conn)
+        idle = self._idle.get(conn.port)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close_idle(self) -> None:
+        """Close every kept connection (the node is stopping)."""
+        for idle in list(self._idle.values()):
+            for conn in list(idle):
+                conn.transport.loseConnection()
+        self._idle.clear()
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """An ``IBodyProducer`` for bytes already in memory (written in one go)."""
+
+    __slots__ = ("body", "length")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Any:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class AgentClient:
+    """:meth:`LoopbackClient.post` over a ``twisted.web`` ``Agent``: the body is decoded by the
+    Agent and framed again by ``twisted.web`` (in-memory tests drive the proxy through one)."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def post(self, port: int, path: bytes, body: bytes, *, accept: bytes, request_id: bytes,
+             keep_alive: bool = True) -> Deferred[Any]:
+        headers = Headers({b"content-type": [b"application/json"], b"accept": [accept],
+                           b"x-request-id": [request_id]})
+        return self.agent.request(b"POST", b"http://127.0.0.1:%d%s" % (port, path), headers, BytesProducer(body))
+
+
+def unframe(data: bytes) -> bytes:
+    """The payload of ``data``, whole chunks as framed by a child (what a fast-path read carries)."""
+    return ChunkedFraming(raw=False).feed(data)[0]
