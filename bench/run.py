@@ -606,6 +606,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated node variants (bench/patches.py VARIANTS) to run as extra targets, "
                         "or 'none'; default: noaccesslog,serial (the node with access_log: false, and with "
                         "max_concurrent_requests_per_device: 1, so the table says what each costs or gives)")
+    p.add_argument("--scale", action="store_true", help="then the scale bench (bench/scale.py, its defaults: 1,000 "
+                   "streams, 10,000 idle connections; about a minute more)")
     a = p.parse_args(argv)
     a.repeats = a.repeats or (2 if a.quick else 5)
     a.seconds = a.seconds or (1.0 if a.quick else 2.0)
@@ -647,10 +649,14 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         bench.stop_all()
+    if args.scale:  # after the other phases, their processes gone
+        from .scale import run_scale
+
+        result["scale"] = run_scale([], no_pin=args.no_pin)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    table = render_table(result)
+    table = render_table(result) + ("\n" + result["scale"]["table_md"] if "scale" in result else "")
     result["table_md"] = table
     text = json.dumps(result, separators=(",", ":"))
     (out / f"bench-{stamp}.json").write_text(text, encoding="utf-8")
