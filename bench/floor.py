@@ -13,11 +13,14 @@ default on Linux, as the node gets it); a ``Site`` with the plain ``Request`` an
 ``HTTPChannel``, ``parsePOSTFormSubmission=False``, no request logging; one
 ``Agent`` over a persistent ``HTTPConnectionPool`` with ``TCP4ClientEndpoint``\\ s
 (the node's choice too: ``Agent``'s default ``HostnameEndpoint`` resolves even
-127.0.0.1); status and headers copied minus the hop-by-hop ones; the body relayed by
-``deliverBody`` into a protocol that writes each chunk as it comes, registered as the
-request's streaming producer (the client's back-pressure pauses the upstream
-socket), and the upstream stopped when the client leaves. Like the node, it does not
-load the TLS stack (pyOpenSSL, ~12 MB of RSS), which it never uses.
+127.0.0.1), and for streams (``"stream": true`` in the body) a second one that
+keeps no connections (the node's way too: llama-server closes the connection after a
+streamed answer without announcing it, so a kept one can fail the next request);
+status and headers copied minus the hop-by-hop ones; the body relayed by
+``deliverBody`` into a protocol that writes each chunk as it comes, registered as
+the request's streaming producer (the client's back-pressure pauses the upstream
+socket), and the upstream stopped when the client leaves. Like the node, it does
+not load the TLS stack (pyOpenSSL, ~12 MB of RSS), which it never uses.
 """
 
 from __future__ import annotations
@@ -104,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     class QuietFactory(HTTPConnectionPool._factory):  # type: ignore[name-defined,misc]
         noisy = False
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = QuietFactory
-    pool.maxPersistentPerHost = 64
-    pool.cachedConnectionTimeout = 2.0  # llama-server drops idle connections after 5 s
-    pool.retryAutomatically = False  # POSTs are never retried anyway
-    agent = Agent.usingEndpointFactory(reactor, Endpoints(), pool=pool)
+    def make_agent(persistent: bool) -> Agent:
+        pool = HTTPConnectionPool(reactor, persistent=persistent)
+        pool._factory = QuietFactory
+        pool.maxPersistentPerHost = 64
+        pool.cachedConnectionTimeout = 2.0  # llama-server drops idle connections after 5 s
+        pool.retryAutomatically = False  # POSTs are never retried anyway
+        return Agent.usingEndpointFactory(reactor, Endpoints(), pool=pool)
+
+    agent, stream_agent = make_agent(True), make_agent(False)
     base = b"http://127.0.0.1:%d" % a.upstream_port
 
     class Relay(Resource):
@@ -117,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
 
         def render(self, request):  # noqa: ANN001, ANN202
             ctype = request.requestHeaders.getRawHeaders(b"content-type", [b"application/json"])
-            d = agent.request(request.method, base + request.uri, Headers({b"content-type": ctype}),
-                              Body(request.content.read()))
+            body = request.content.read()
+            # llama-server closes the connection after a streamed answer without saying so: a
+            # stream on a kept-alive connection could make the next request fail (a byte search, no JSON)
+            streamed = b'"stream": true' in body or b'"stream":true' in body
+            d = (stream_agent if streamed else agent).request(
+                request.method, base + request.uri, Headers({b"content-type": ctype}), Body(body))
             pipe: list[Pipe] = []
 
             def respond(response) -> None:  # noqa: ANN001
