@@ -438,6 +438,7 @@ class Bench:
         servers["node"] = self.node_server("relay-node", max_pending=2 * c + 4, ctx=ctx, parallel=c)
         started = [*servers.values(), upstream]
         self.extra += started
+        self.retry_time_s, self.budget_noted = 0.0, False  # this phase has a retry budget of its own
         try:
             for s in started:
                 s.start()
@@ -455,6 +456,15 @@ class Bench:
                           "router": lambda: procs.children(servers["router"].pid),
                           "node": lambda: procs.children(servers["node"].pid)}
             loadgen_pid = self.loadgen.p.pid if self.loadgen else 0
+
+            def argv(pid: int) -> list[str]:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        return fh.read().decode(errors="replace").split("\0")[:-1]
+                except OSError:
+                    return []
+
+            model_argv = {t: [argv(pid) for pid in pids()] for t, pids in model_pids.items()}
 
             def one(t: str) -> dict[str, Any]:
                 proxy = [] if t == "direct" else [servers[t].pid]
@@ -475,11 +485,13 @@ class Bench:
                     res = self.guarded(f"relay {t}", lambda t=t: one(t))
                     self.check(f"relay {t}", "streams", res)
                     expected = m + RELAY_EXTRA_EVENTS
+                    res["events_expected"] = c * expected
                     if res["n"] != c or any(e != expected for e in res["events"]):
                         self.notes.append(f"relay {t}: {res['n']} of {c} streams complete, SSE events per stream "
                                           f"{res['events']} (expected {expected} each)")
                     runs[t].append(res)
-            self.raw["relay"] = {"streams": c, "tokens": m, "ctx": ctx, "expected_events_per_stream": m + 2,
+            self.raw["relay"] = {"streams": c, "tokens": m, "ctx": ctx,
+                                 "expected_events_per_stream": m + RELAY_EXTRA_EVENTS, "model_server_argv": model_argv,
                                  "idle_rss_kb": {t: s.rss_kb() for t, s in servers.items()}, "runs": runs}
             return runs
         finally:
@@ -799,7 +811,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "again (default 25)")
     p.add_argument("--retries", type=int, default=2, help="at most this many times (default 2)")
     p.add_argument("--retry-budget", dest="retry_budget_s", type=float,
-                   help="at most this many seconds in all for such repeats (default 90, --quick 25)")
+                   help="at most this many seconds in all for such repeats (default 90, --quick 25; the relay "
+                        "phase has as much again)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, server logs)")
     p.add_argument("--variants", default="noaccesslog,serial",
                    help="comma-separated node variants (bench/patches.py VARIANTS) to run as extra targets, "
