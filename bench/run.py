@@ -670,7 +670,7 @@ def issue16_targets(s: dict[str, dict[str, float | None]]) -> list[dict[str, Any
             absolute: float | None = None, floor_rule: bool = True) -> None:
         node, router, floor = values
         show = (lambda v: "–" if v is None else f"{v:+.3f}") if key == "added_p50_ms" else fmt
-        applied = (floor_rule and floor is not None and router is not None
+        applied = (floor_rule and absolute is None and floor is not None and router is not None
                    and (floor > router if lower else floor < router))
         sign = "≤" if lower else "≥"
         if absolute is not None:
@@ -682,7 +682,8 @@ def issue16_targets(s: dict[str, dict[str, float | None]]) -> list[dict[str, Any
         else:
             bound = None if router is None else router * factor
             goal = f"{sign} {'' if factor == 1 else f'{factor:g}× '}router" + (" (stretch)" if factor != 1 else "")
-        met = node is not None and bound is not None and (node <= bound if lower else node >= bound)
+        # None: not measured (e.g. --no-relay)
+        met = None if node is None or bound is None else (node <= bound if lower else node >= bound)
         rows.append({"issue": 16, "target": name, "figure": key, "unit": unit, "lower_is_better": lower,
                      "node": node, "router": router, "floor": floor, "bound": bound, "goal": goal,
                      "floor_rule_applied": applied, "met": met, "show": [show(node), show(router), show(floor)]})
@@ -766,8 +767,8 @@ def render_table(result: dict[str, Any]) -> str:
               "| target | node | router | floor | goal | met |", "|---|---|---|---|---|---|"]
     for row in result.get("targets", {}).get("issue16", []):
         nv, rv, fv = row["show"]
-        lines.append(f"| {row['target']} ({row['unit']}) | {nv} | {rv} | {fv} | {row['goal']} "
-                     f"| {'yes' if row['met'] else '**no**'} |")
+        met = "–" if row["met"] is None else "yes" if row["met"] else "**no**"
+        lines.append(f"| {row['target']} ({row['unit']}) | {nv} | {rv} | {fv} | {row['goal']} | {met} |")
     lines += ["", "Targets, issue 7 (kept for comparison):", "", "| target | measured | goal | met |",
               "|---|---|---|---|"]
     for name, shown, goal, ok in targets_verdicts(s):
