@@ -676,7 +676,7 @@ def issue16_targets(s: dict[str, dict[str, float | None]]) -> list[dict[str, Any
         if absolute is not None:
             bound, goal = absolute, f"{sign} {absolute:g} {unit}"
         elif applied:
-            bound = floor * 1.1 if lower else floor / 1.1
+            bound = floor + 0.1 * abs(floor) if lower else floor / 1.1  # (an added latency may be < 0)
             goal = (f"{sign} 1.1× floor" if lower else "≥ floor ÷ 1.1") + (
                 f" (floor {show(floor)} is worse than router {show(router)})")
         else:
