@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         def __init__(self, data: bytes) -> None:
             self.data, self.length = data, len(data)
 
-        def startProducing(self, consumer):  # noqa: ANN001, ANN202
+        def startProducing(self, consumer):
             consumer.write(self.data)
             return succeed(None)
 
@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         def stopProducing(self) -> None: ...
 
     class Endpoints:  # IAgentEndpointFactory
-        def endpointForURI(self, uri):  # noqa: ANN001, ANN202
+        def endpointForURI(self, uri):
             return TCP4ClientEndpoint(reactor, uri.host.decode("ascii"), uri.port)
 
     class Pipe(Protocol):
         """The upstream body, written to the client per chunk; the request's push producer."""
 
-        def __init__(self, request) -> None:  # noqa: ANN001
+        def __init__(self, request) -> None:
             self.request = request
 
         def connectionMade(self) -> None:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         def dataReceived(self, data: bytes) -> None:
             self.request.write(data)
 
-        def connectionLost(self, reason=None) -> None:  # noqa: ANN001
+        def connectionLost(self, reason=None) -> None:
             request = self.request
             if request._disconnected:
                 return
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     class Relay(Resource):
         isLeaf = True
 
-        def render(self, request):  # noqa: ANN001, ANN202
+        def render(self, request):
             ctype = request.requestHeaders.getRawHeaders(b"content-type", [b"application/json"])
             body = request.content.read()
             # llama-server closes the connection after a streamed answer without saying so: a
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 request.method, base + request.uri, Headers({b"content-type": ctype}), Body(body))
             pipe: list[Pipe] = []
 
-            def respond(response) -> None:  # noqa: ANN001
+            def respond(response) -> None:
                 if request._disconnected:
                     response.deliverBody(Protocol())  # read and dropped
                     return
@@ -145,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                 pipe.append(Pipe(request))
                 response.deliverBody(pipe[0])
 
-            def failed(failure) -> None:  # noqa: ANN001
+            def failed(failure) -> None:
                 if not request._disconnected:
                     request.setResponseCode(502)
                     request.finish()
 
-            def client_gone(failure) -> None:  # noqa: ANN001
+            def client_gone(failure) -> None:
                 if pipe:
                     pipe[0].transport.stopProducing()
                 else:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     class QuietSite(Site):
         noisy = False
 
-        def log(self, request) -> None:  # noqa: ANN001
+        def log(self, request) -> None:
             pass
 
     site = QuietSite(Relay(), parsePOSTFormSubmission=False)
