@@ -2,7 +2,7 @@
 
 One command (from the repository root)::
 
-    .venv/bin/python -m bench.run            # about 3 minutes: 5 repeats of 2-second loops
+    .venv/bin/python -m bench.run            # about 3½ minutes: 5 repeats of 2-second loops
     .venv/bin/python -m bench.run --quick    # about 75 seconds: 2 repeats of 1-second loops
     .venv/bin/python -m bench.run --out DIR  # where the JSON/markdown go (default bench/results)
 
