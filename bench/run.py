@@ -796,7 +796,7 @@ def render_table(result: dict[str, Any]) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="two repeats of 1-second loops (about a minute)")
+    p.add_argument("--quick", action="store_true", help="two repeats of 1-second loops (about 75 seconds)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the JSON and markdown")
     p.add_argument("--repeats", type=int, help="repeats per figure (default 5, --quick 2)")
     p.add_argument("--seconds", type=float, help="time bound of each load job (default 2, --quick 1)")
