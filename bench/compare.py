@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.compare bench/results/OLD.json bench/results/latest.json [--target node]
 
-Prints, for one target (default ``node``; ``direct``, ``router`` or a variant
+Prints, for one target (default ``node``; ``direct``, ``router``, ``floor`` or a variant
 such as ``node+noaccesslog``), each figure of both runs and new/old. The runs
 are only comparable when made on the same machine with the same flags (the
 header shows both runs' machine, flags, commit and background load).

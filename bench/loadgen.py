@@ -19,7 +19,12 @@ round-robin per connection (two bodies alternating = model swaps). With
 ``slow_body`` (overload), one long request first goes out on its own
 connection (and again whenever it ends) to keep the device busy; after
 ``settle_s`` the loop runs, and with ``expect_status`` only answers with that
-status are timed (the others are only counted in ``statuses``).
+status are timed (the others are only counted in ``statuses``). With
+``count_events`` every answer's SSE events are counted (``data:`` lines of the
+de-chunked body, ``data: [DONE]`` included): ``events`` per timed answer, in
+completion order like ``lat_us``, and ``events_total``. The relay phase sends
+each of ``conns`` connections one ``ignore_eos`` stream (``max_requests`` =
+``conns``), so ``lat_us`` is each stream's completion.
 
 A server that closes a keep-alive connection before answering the next request
 (llama-server does after every streamed answer) gets that request again on a
@@ -42,15 +47,24 @@ class Conn:
     """One keep-alive connection with an incremental response parser."""
 
     __slots__ = ("sock", "host", "port", "reqs", "i", "buf", "t0", "t_first", "t_body", "status",
-                 "state", "clen", "chunk_left", "close_after")
+                 "state", "clen", "chunk_left", "close_after", "count", "events", "tail")
 
-    def __init__(self, host: str, port: int, reqs: list[bytes], offset: int = 0) -> None:
+    def __init__(self, host: str, port: int, reqs: list[bytes], offset: int = 0, count: bool = False) -> None:
         self.host = host
         self.port = port
         self.reqs = reqs
         self.i = offset
+        self.count = count  # count the answer's SSE events (``data:`` lines)
+        self.events = 0
+        self.tail = b"\n"
         self.sock: socket.socket | None = None
         self.connect()
+
+    def sse(self, payload: bytes) -> None:
+        """Count the ``data:`` lines in the next piece of the (de-chunked) body."""
+        text = self.tail + payload
+        self.events += text.count(b"\ndata:")
+        self.tail = text[-5:]  # shorter than b"\ndata:": no line is counted twice
 
     def connect(self) -> None:
         s = socket.create_connection((self.host, self.port))
@@ -68,6 +82,8 @@ class Conn:
         self.t_first = self.t_body = 0
         self.status = 0
         self.close_after = False
+        self.events = 0
+        self.tail = b"\n"  # the body's first line is a line start
         self.t0 = perf_ns()
         self.sock.sendall(req)
 
@@ -113,6 +129,8 @@ class Conn:
             self.t_body = now
         if self.state == 1:
             if len(buf) >= self.clen:
+                if self.count:
+                    self.sse(buf[:self.clen])
                 self.buf = b""
                 return True
             self.buf = buf
@@ -142,6 +160,8 @@ class Conn:
                 self.chunk_left = -2 if size == 0 else size + 2  # (these servers send no trailers)
             else:
                 take = min(left, n - pos)
+                if self.count and left > 2:  # the chunk's data, not its closing CRLF
+                    self.sse(buf[pos:pos + min(take, left - 2)])
                 pos += take
                 self.chunk_left = -1 if take == left else left - take
         self.buf = buf[pos:]
@@ -172,7 +192,9 @@ def closed_loop(job: dict) -> dict:
         slow.send()
         slow_sent = 1
         time.sleep(job.get("settle_s", 0.2))
-    conns = [Conn(host, port, reqs, offset=k) for k in range(conns_n)]
+    count = bool(job.get("count_events"))
+    conns = [Conn(host, port, reqs, offset=k, count=count) for k in range(conns_n)]
+    events: list[int] = []
     lat: list[int] = []
     first: list[int] = []
     body: list[int] = []
@@ -216,6 +238,8 @@ def closed_loop(job: dict) -> dict:
                 complete = True
             else:  # closed mid-answer: complete only when the length was "until close"
                 complete = c.state == 3 and c.status != 0
+                if complete and c.count:
+                    c.sse(c.buf)
                 if not complete:
                     errors += 1
                 c.close_after = True
@@ -230,6 +254,8 @@ def closed_loop(job: dict) -> dict:
                     lat.append(now - c.t0)
                     first.append(c.t_first - c.t0)
                     body.append((c.t_body or now) - c.t0)
+                    if count:
+                        events.append(c.events)
             if sent >= max_requests or now >= deadline:
                 sel.unregister(c.sock)
                 c.sock.close()
@@ -249,13 +275,16 @@ def closed_loop(job: dict) -> dict:
         except OSError:
             pass
     sel.close()
-    return {
+    out = {
         "n": len(lat), "elapsed_s": elapsed / 1e9, "errors": errors, "reconnects": reconnects,
         "statuses": {str(k): v for k, v in statuses.items()}, "slow_sent": slow_sent,
         # whole microseconds, in completion order
         "lat_us": [x // 1000 for x in lat], "first_byte_us": [x // 1000 for x in first],
         "first_body_us": [x // 1000 for x in body],
     }
+    if count:  # per answer (completion order, as lat_us): its SSE events; and their sum
+        out.update(events=events, events_total=sum(events))
+    return out
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 One command (from the repository root)::
 
-    .venv/bin/python -m bench.run            # about 2½ minutes: 5 repeats of 2-second loops
-    .venv/bin/python -m bench.run --quick    # about 45 seconds: 2 repeats of 1-second loops
+    .venv/bin/python -m bench.run            # about 3½ minutes: 5 repeats of 2-second loops
+    .venv/bin/python -m bench.run --quick    # about 75 seconds: 2 repeats of 1-second loops
     .venv/bin/python -m bench.run --out DIR  # where the JSON/markdown go (default bench/results)
 
 In one run, on loopback, it starts
@@ -12,6 +12,9 @@ In one run, on loopback, it starts
   gives its own child (``-np 1 --no-webui -c 512 --threads T -ngl 0 --alias tiny-a``);
 * ``router``  — the same binary in router mode (``--models-dir D --models-max 1``
   with the same flags, forwarded to its children);
+* ``floor``   — :mod:`bench.floor`, a bare twisted.web + ``Agent`` relay (nothing of
+  ours: the least a Twisted proxy can cost) in front of a llama-server of its own
+  started like direct;
 * ``node``    — ``rolemesh-node-agent --config C`` (backend cpu, the default config
   except ``max_pending_requests_per_device: 8`` so four clients are not refused,
   and ``node_id``), a real subprocess in front of a child of its own;
@@ -22,17 +25,24 @@ In one run, on loopback, it starts
 and drives all of them with the same load generator (:mod:`bench.loadgen`, a
 separate process): latency p50/p90/p99 and requests/s with 1 and 4 clients
 (non-streaming, 1 token), first byte and end of a 16-token stream, model swap
-latency (requests alternating between two models), agent RSS idle and under load,
-and — on a second node configured with ``max_pending_requests_per_device: 1``
-and a long request in flight — how fast an overload 429 comes back.
+latency (requests alternating between two models; not for direct and the floor,
+which have one), agent RSS idle and under load, and — on a second node configured
+with ``max_pending_requests_per_device: 1`` and a long request in flight — how
+fast an overload 429 comes back. Then the relay phase (``--relay-streams`` C,
+``--relay-tokens`` M; ``--no-relay`` skips it): direct, router, floor and node in
+front of model servers with ``-np C``, started for this phase only, each driven
+with C concurrent ``ignore_eos`` streams of M tokens; per target the SSE events
+("chunks") the clients received per second and the proxy process's CPU per chunk.
 
 Unless ``--no-pin``, the model servers run on the last CPU and everything else
 on the others; every llama-server gets ``--threads 1`` (``--threads``). Repeats
 are interleaved (the target order rotates each repeat); every figure in the
 table is the median over repeats of that repeat's figure. A measurement during
 which other processes used the CPU is run again (bounded). Output: a table
-with the ratios node/direct and node/router (stdout and ``latest.md``) and a
-JSON file with every raw number (``bench-<time>.json`` and ``latest.json``).
+with the ratios node/direct, node/router and node/floor (stdout and ``latest.md``) and a
+JSON file with every raw number (``bench-<time>.json`` and ``latest.json``),
+and the targets of issue 16 (node against router, with the floor rule) and of
+issue 7.
 """
 
 from __future__ import annotations
@@ -57,10 +67,17 @@ if __name__ == "__main__" and not __package__:  # `python bench/run.py`
 
     raise SystemExit(_main())
 
+from . import procs
 from .procs import CpuAccount, Sampler, Server, free_port, http_get, http_post, pin_children, reap_strays, run_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+#: the four targets the issue-16 figures compare (variants are node+NAME)
+BASE_TARGETS = ("direct", "router", "floor", "node")
+#: SSE events per relayed stream of M tokens from llama-server (b11434): one per token, one
+#: last event (finish_reason, usage, timings) and ``data: [DONE]``
+RELAY_EXTRA_EVENTS = 2
 
 
 def body(model: str, max_tokens: int, stream: bool = False) -> str:
@@ -69,6 +86,12 @@ def body(model: str, max_tokens: int, stream: bool = False) -> str:
     if stream:
         doc["stream"] = True
     return json.dumps(doc)
+
+
+def relay_body(max_tokens: int) -> str:
+    """A streamed completion that yields exactly ``max_tokens`` tokens (no early end-of-sequence)."""
+    return json.dumps({"model": "tiny-a", "prompt": "hi", "max_tokens": max_tokens, "ignore_eos": True,
+                       "stream": True})
 
 
 # ----------------------------------------------------------------- helpers
@@ -186,11 +209,35 @@ class Bench:
         for name, seed in (("tiny-a", 1), ("tiny-b", 2)):
             write_tiny_model(self.models / f"{name}.gguf", seed=seed, name=name)
 
-    def child_flags(self, ctx: int = 512) -> list[str]:
-        return ["-np", "1", "--no-webui", "-c", str(ctx), "--threads", str(self.args.threads), "-ngl", "0"]
+    def child_flags(self, ctx: int = 512, parallel: int = 1) -> list[str]:
+        return ["-np", str(parallel), "--no-webui", "-c", str(ctx), "--threads", str(self.args.threads), "-ngl", "0"]
+
+    def direct_server(self, name: str, ctx: int = 512, parallel: int = 1) -> Server:
+        """A plain llama-server with tiny-a on the model CPUs (direct, and the floor's upstream)."""
+        p = free_port()
+        return Server(name, [self.binary, "--host", "127.0.0.1", "--port", str(p), "-m",
+                             str(self.models / "tiny-a.gguf"), "--alias", "tiny-a",
+                             *self.child_flags(ctx, parallel)], p, self.tmp / f"{name}.log",
+                      cpus=self.args.model_cpus)
+
+    def router_server(self, name: str, ctx: int = 512, parallel: int = 1) -> Server:
+        """llama-server's router mode: the process is the proxy (the node's peer), on the proxy CPUs; it
+        forwards its flags (-np and -c included) to its children, which are pinned after warm-up."""
+        p = free_port()
+        return Server(name, [self.binary, "--host", "127.0.0.1", "--port", str(p), "--models-dir",
+                             str(self.models), "--models-max", "1", *self.child_flags(ctx, parallel)], p,
+                      self.tmp / f"{name}.log", cpus=self.args.proxy_cpus)
+
+    def floor_servers(self, name: str, ctx: int = 512, parallel: int = 1) -> tuple[Server, Server]:
+        """The floor (bench/floor.py, on the proxy CPUs) and the llama-server it fronts (model CPUs)."""
+        upstream = self.direct_server(f"{name}-upstream", ctx, parallel)
+        p = free_port()
+        floor = Server(name, [sys.executable, "-m", "bench.floor", "--port", str(p), "--upstream-port",
+                              str(upstream.port)], p, self.tmp / f"{name}.log", cpus=self.args.proxy_cpus)
+        return floor, upstream
 
     def node_server(self, name: str, variant: dict[str, Any] | None = None, max_pending: int = 8,
-                    ctx: int = 512) -> Server:
+                    ctx: int = 512, parallel: int = 1) -> Server:
         variant = variant or {}
         port = free_port()
         child_args: list[str] = []
@@ -199,7 +246,7 @@ class Bench:
             # the node's child gets the same --threads as direct and router (the last one wins)
             child_args += ["--threads", str(self.args.threads)]
         child_args += variant.get("child_args", [])
-        extra = ""
+        extra = "" if parallel == 1 else f"llama_server_parallel: {parallel}\n"
         if child_args:
             extra += f"llama_server_extra_args: {json.dumps(child_args)}\n"
         for key, value in variant.get("config", {}).items():
@@ -218,19 +265,12 @@ class Bench:
         return Server(name, argv, port, self.tmp / f"{name}.log", cpus=self.args.proxy_cpus)
 
     def start_all(self) -> None:
-        binary = llama_server_bin()
-        self.binary = binary
-        p = free_port()
-        self.servers["direct"] = Server(
-            "direct", [binary, "--host", "127.0.0.1", "--port", str(p), "-m", str(self.models / "tiny-a.gguf"),
-                       "--alias", "tiny-a", *self.child_flags()], p, self.tmp / "direct.log",
-            cpus=self.args.model_cpus)
-        p = free_port()
-        # the router process is the proxy (the node's peer); its children are pinned after warm-up
-        self.servers["router"] = Server(
-            "router", [binary, "--host", "127.0.0.1", "--port", str(p), "--models-dir", str(self.models),
-                       "--models-max", "1", *self.child_flags()], p, self.tmp / "router.log",
-            cpus=self.args.proxy_cpus)
+        self.binary = llama_server_bin()
+        self.servers["direct"] = self.direct_server("direct")
+        self.servers["router"] = self.router_server("router")
+        self.servers["floor"], upstream = self.floor_servers("floor")
+        self.extra.append(upstream)
+        upstream.start()
         self.servers["node"] = self.node_server("node")
         from .patches import VARIANTS
 
@@ -303,7 +343,7 @@ class Bench:
 
     def warm(self, target: str) -> None:
         a = self.args
-        for model in (["tiny-a"] if target == "direct" else ["tiny-b", "tiny-a"]):
+        for model in (["tiny-a"] if target in ("direct", "floor") else ["tiny-b", "tiny-a"]):
             status, raw = http_post(self.servers[target].port, CHAT, json.loads(body(model, 1)), timeout=60)
             if status != 200:
                 raise RuntimeError(f"{target}: warm-up request for {model} answered {status}: {raw[:300]!r}")
@@ -325,11 +365,11 @@ class Bench:
                            max_seconds=a.seconds * 2),
         }
         def one(job: dict[str, Any]) -> dict[str, Any]:
-            cpu0 = s.cpu_s()
+            cpu0 = procs.cpu_pair([s.pid])
             res = self.job(target, path=CHAT, **job)
-            cpu1 = s.cpu_s()
-            res["own_cpu_per_req_us"] = (None if cpu0 is None or cpu1 is None or not res["n"]
-                                         else (cpu1 - cpu0) / res["n"] * 1e6)
+            # ns from schedstat where it agrees with the 10 ms ticks (not for the router: its per-request threads)
+            res["own_cpu"] = cpu = procs.cpu_delta(cpu0, procs.cpu_pair([s.pid]), 1)
+            res["own_cpu_per_req_us"] = cpu["s"] / res["n"] * 1e6 if res["n"] else None
             return res
 
         with Sampler([s]) as sampler:
@@ -375,6 +415,89 @@ class Bench:
         s.stop()
         return runs
 
+    # ------------------------------------------------------- relay capacity
+
+    def relay_job(self, port: int, tokens: int) -> dict[str, Any]:
+        """C concurrent streams of ``tokens`` tokens each, one per connection, events counted."""
+        assert self.loadgen is not None
+        c = self.args.relay_streams
+        return self.loadgen.run(kind="closed", port=port, path=COMPLETIONS, bodies=[relay_body(tokens)], conns=c,
+                                max_requests=c, max_seconds=120, count_events=True)
+
+    def measure_relay(self) -> dict[str, list[dict[str, Any]]]:
+        """Relay capacity: C concurrent streams × M tokens through direct, router, floor and node, each in
+        front of model servers with C slots (-np C; started for this phase only and stopped after it).
+        Per measurement: SSE events received, elapsed, and the CPU of the proxy process itself (none for
+        direct) and of the model server(s) behind it."""
+        a = self.args
+        c, m = a.relay_streams, a.relay_tokens
+        ctx = c * (m + 64)  # every slot holds the prompt and m tokens
+        servers: dict[str, Server] = {"direct": self.direct_server("relay-direct", ctx, c),
+                                      "router": self.router_server("relay-router", ctx, c)}
+        servers["floor"], upstream = self.floor_servers("relay-floor", ctx, c)
+        servers["node"] = self.node_server("relay-node", max_pending=2 * c + 4, ctx=ctx, parallel=c)
+        started = [*servers.values(), upstream]
+        self.extra += started
+        self.retry_time_s, self.budget_noted = 0.0, False  # this phase has a retry budget of its own
+        try:
+            for s in started:
+                s.start()
+            for t, s in servers.items():
+                s.wait_ready(node_ready if t == "node" else health_ok)
+            for t, s in servers.items():
+                status, raw = http_post(s.port, COMPLETIONS, {"model": "tiny-a", "prompt": "hi", "max_tokens": 1},
+                                        timeout=60)
+                if status != 200:
+                    raise RuntimeError(f"relay {t}: warm-up answered {status}: {raw[:300]!r}")
+                if t in ("router", "node"):
+                    self.pin_model_servers(s)
+                self.relay_job(s.port, min(m, 64))  # every slot once
+            model_pids = {"direct": lambda: [servers["direct"].pid], "floor": lambda: [upstream.pid],
+                          "router": lambda: procs.children(servers["router"].pid),
+                          "node": lambda: procs.children(servers["node"].pid)}
+            loadgen_pid = self.loadgen.p.pid if self.loadgen else 0
+
+            def argv(pid: int) -> list[str]:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        return fh.read().decode(errors="replace").split("\0")[:-1]
+                except OSError:
+                    return []
+
+            model_argv = {t: [argv(pid) for pid in pids()] for t, pids in model_pids.items()}
+
+            def one(t: str) -> dict[str, Any]:
+                proxy = [] if t == "direct" else [servers[t].pid]
+                model = model_pids[t]()
+                p0, m0, l0 = procs.cpu_pair(proxy), procs.cpu_pair(model), procs.cpu_pair([loadgen_pid])
+                res = self.relay_job(servers[t].port, m)
+                p1, m1, l1 = procs.cpu_pair(proxy), procs.cpu_pair(model), procs.cpu_pair([loadgen_pid])
+                res["proxy_cpu"] = None if not proxy else procs.cpu_delta(p0, p1, 1)
+                res["model_cpu"] = procs.cpu_delta(m0, m1, len(model))
+                res["loadgen_cpu"] = procs.cpu_delta(l0, l1, 1)
+                res["model_pids"] = model
+                return res
+
+            targets = list(servers)
+            runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+            for rep in range(a.repeats):
+                for t in targets[rep % len(targets):] + targets[:rep % len(targets)]:
+                    res = self.guarded(f"relay {t}", lambda t=t: one(t))
+                    self.check(f"relay {t}", "streams", res)
+                    expected = m + RELAY_EXTRA_EVENTS
+                    res["events_expected"] = c * expected
+                    if res["n"] != c or any(e != expected for e in res["events"]):
+                        self.notes.append(f"relay {t}: {res['n']} of {c} streams complete, SSE events per stream "
+                                          f"{res['events']} (expected {expected} each)")
+                    runs[t].append(res)
+            self.raw["relay"] = {"streams": c, "tokens": m, "ctx": ctx,
+                                 "expected_events_per_stream": m + RELAY_EXTRA_EVENTS, "model_server_argv": model_argv,
+                                 "idle_rss_kb": {t: s.rss_kb() for t, s in servers.items()}, "runs": runs}
+            return runs
+        finally:
+            for s in started:
+                s.stop()
+
     def run(self) -> dict[str, Any]:
         a = self.args
         t_start = time.monotonic()
@@ -383,7 +506,7 @@ class Bench:
         targets = list(self.servers)
         for t in targets:
             self.warm(t)
-            if t != "direct":
+            if t not in ("direct", "floor"):  # those two were started on the model CPUs
                 self.pin_model_servers(self.servers[t])
         time.sleep(1.0)
         idle = {t: self.servers[t].rss_kb() for t in targets}
@@ -392,27 +515,33 @@ class Bench:
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
             for t in order:
                 loads[t].append(self.measure_load(t, rep))
-        swaps: dict[str, list[dict[str, Any]]] = {t: [] for t in targets if t != "direct"}
+        # one model behind direct and the floor: no swap
+        swaps: dict[str, list[dict[str, Any]]] = {t: [] for t in targets if t not in ("direct", "floor")}
         for rep in range(a.repeats):
             for t in list(swaps)[rep % len(swaps):] + list(swaps)[:rep % len(swaps)]:
                 swaps[t].append(self.measure_swap(t))
         end_rss = {t: self.servers[t].rss_kb() for t in targets}
         switch_log = {t: self.last_switch(t) for t in targets if t.startswith("node")}
         overload = self.measure_overload()
+        relay = self.measure_relay() if a.relay_streams > 0 else {}
         self.raw.update({"idle_rss_kb": idle, "end_rss_kb": end_rss, "load": loads, "swap": swaps,
                          "node_last_switch_s": switch_log})
-        summary = self.summarize(targets, idle, loads, swaps, overload)
+        summary = self.summarize(targets, idle, loads, swaps, overload, relay)
         background = [r[k]["background_cpu_pct"] for t in targets for r in loads[t] for k in ("c1", "c4", "stream")]
         background += [r["background_cpu_pct"] for t in swaps for r in swaps[t]]
         background += [r["background_cpu_pct"] for r in overload]
+        background += [r["background_cpu_pct"] for t in relay for r in relay[t]]
         meta = self.meta(time.monotonic() - t_start)
         meta["background_cpu_pct"] = {"median": median(background), "max": max(background),
                                       "retried_jobs": self.retried,
                                       "note": "CPU used by processes other than the bench's own during the "
                                               "measurements (the kept attempts), in % of one core"}
+        issue7 = [{"issue": 7, "target": name, "measured": shown, "goal": goal, "met": ok}
+                  for name, shown, goal, ok in targets_verdicts(summary)]
         return {
             "meta": meta,
             "summary": summary,
+            "targets": {"issue16": issue16_targets(summary), "issue7": issue7},
             "raw": self.raw,
             "notes": self.notes,
         }
@@ -427,7 +556,8 @@ class Bench:
     # ------------------------------------------------------------ results
 
     def summarize(self, targets: list[str], idle: dict[str, Any], loads: dict[str, Any], swaps: dict[str, Any],
-                  overload: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+                  overload: list[dict[str, Any]], relay: dict[str, list[dict[str, Any]]] | None = None
+                  ) -> dict[str, dict[str, float | None]]:
         ms = 1 / 1000
         out: dict[str, dict[str, float | None]] = {}
         for t in targets:
@@ -453,6 +583,13 @@ class Bench:
             f["stream_failed_pct"] = median([100.0 * (r["stream"]["n"] - r["stream"]["statuses"].get("200", 0))
                                              / max(1, r["stream"]["n"]) for r in reps])
             f["overload_429_p50_ms"] = f["overload_429_p99_ms"] = None
+            runs = (relay or {}).get(t, [])
+            # chunk = one SSE event received by a client; per measurement, then the median over repeats
+            f["relay_chunks_per_s"] = median([r["events_total"] / r["elapsed_s"] for r in runs if r["elapsed_s"]])
+            f["relay_proxy_cpu_us_per_chunk"] = median([r["proxy_cpu"]["s"] / r["events_total"] * 1e6 for r in runs
+                                                        if r["proxy_cpu"] and r["events_total"]])
+            f["relay_model_cpu_us_per_chunk"] = median([r["model_cpu"]["s"] / r["events_total"] * 1e6
+                                                        for r in runs if r["events_total"]])
             out[t] = f
         lat429 = [r["lat_us"] for r in overload if r["n"]]
         for t in targets:
@@ -492,6 +629,9 @@ FIGURES = [
     ("c4_cpu_per_req_us", "own CPU per request, 4 clients (µs)"),
     ("overload_429_p50_ms", "overload 429 p50 (ms)"),
     ("overload_429_p99_ms", "overload 429 p99 (ms)"),
+    ("relay_chunks_per_s", "relay: chunks (SSE events) received per s, all streams"),
+    ("relay_proxy_cpu_us_per_chunk", "relay: proxy process CPU per chunk (µs)"),
+    ("relay_model_cpu_us_per_chunk", "relay: model server CPU per chunk (µs)"),
 ]
 
 
@@ -509,7 +649,61 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×"
 
 
+def _added_p50(f: dict[str, float | None], direct: dict[str, float | None]) -> float | None:
+    if f.get("c1_p50_ms") is None or direct.get("c1_p50_ms") is None:
+        return None
+    return f["c1_p50_ms"] - direct["c1_p50_ms"]  # type: ignore[operator]
+
+
+def issue16_targets(s: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
+    """Issue 16's targets: the node against the router, the floor and direct, in the same run.
+
+    The floor rule (from the issue): when the floor — bare twisted.web + Agent, nothing of ours — is
+    itself worse than the router on a figure, that figure's target becomes "within 1.1× of the floor"
+    (≤ 1.1 × floor where lower is better, ≥ floor ÷ 1.1 where higher is). It applies to the figures
+    compared with the router; the stretch row (≤ 0.8× router) and the absolute RSS bound stay as they
+    are (the floor's figure is shown beside them)."""
+    d, r, f, n = (s.get(t, {}) for t in BASE_TARGETS)
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, key: str, values: tuple[Any, Any, Any], unit: str, lower: bool, *, factor: float = 1.0,
+            absolute: float | None = None, floor_rule: bool = True) -> None:
+        node, router, floor = values
+        show = (lambda v: "–" if v is None else f"{v:+.3f}") if key == "added_p50_ms" else fmt
+        applied = (floor_rule and absolute is None and floor is not None and router is not None
+                   and (floor > router if lower else floor < router))
+        sign = "≤" if lower else "≥"
+        if absolute is not None:
+            bound, goal = absolute, f"{sign} {absolute:g} {unit}"
+        elif applied:
+            bound = floor + 0.1 * abs(floor) if lower else floor / 1.1  # (an added latency may be < 0)
+            goal = (f"{sign} 1.1× floor" if lower else "≥ floor ÷ 1.1") + (
+                f" (floor {show(floor)} is worse than router {show(router)})")
+        else:
+            bound = None if router is None else router * factor
+            goal = f"{sign} {'' if factor == 1 else f'{factor:g}× '}router" + (" (stretch)" if factor != 1 else "")
+        # None: not measured (e.g. --no-relay)
+        met = None if node is None or bound is None else (node <= bound if lower else node >= bound)
+        rows.append({"issue": 16, "target": name, "figure": key, "unit": unit, "lower_is_better": lower,
+                     "node": node, "router": router, "floor": floor, "bound": bound, "goal": goal,
+                     "floor_rule_applied": applied, "met": met, "show": [show(node), show(router), show(floor)]})
+
+    cpu = (n.get("c1_cpu_per_req_us"), r.get("c1_cpu_per_req_us"), f.get("c1_cpu_per_req_us"))
+    add("own CPU per non-streamed request, 1 client", "c1_cpu_per_req_us", cpu, "µs", True)
+    add("own CPU per non-streamed request, 1 client", "c1_cpu_per_req_us", cpu, "µs", True, factor=0.8,
+        floor_rule=False)
+    add("added p50 latency over direct, 1 client", "added_p50_ms",
+        (_added_p50(n, d), _added_p50(r, d), _added_p50(f, d)), "ms", True)
+    add("requests/s, 4 clients", "c4_rps", (n.get("c4_rps"), r.get("c4_rps"), f.get("c4_rps")), "req/s", False)
+    add("relay: proxy CPU per chunk", "relay_proxy_cpu_us_per_chunk",
+        tuple(x.get("relay_proxy_cpu_us_per_chunk") for x in (n, r, f)), "µs", True)  # type: ignore[arg-type]
+    add("RSS idle, own process", "rss_idle_mb", (n.get("rss_idle_mb"), r.get("rss_idle_mb"), f.get("rss_idle_mb")),
+        "MB", True, absolute=40)
+    return rows
+
+
 def targets_verdicts(s: dict[str, dict[str, float | None]], node: str = "node") -> list[tuple[str, str, str, bool]]:
+    """Issue 7's targets (the first performance issue), kept for comparison."""
     d, r, n = s["direct"], s["router"], s[node]
     rows = []
 
@@ -552,13 +746,31 @@ def render_table(result: dict[str, Any]) -> str:
         + (" — **the machine was busy: the numbers are disturbed**" if m["background_cpu_pct"]["median"] > 15
            else "."),
         "",
-        "| figure | direct | router | node | node / direct | node / router |",
-        "|---|---|---|---|---|---|",
+        "| figure | direct | router | floor | node | node / direct | node / router | node / floor |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    empty: dict[str, float | None] = {}
     for key, label in FIGURES:
-        d, r, n = s["direct"].get(key), s["router"].get(key), s["node"].get(key)
-        lines.append(f"| {label} | {fmt(d)} | {fmt(r)} | {fmt(n)} | {ratio(n, d)} | {ratio(n, r)} |")
-    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+        d, r, f, n = (s.get(t, empty).get(key) for t in BASE_TARGETS)
+        lines.append(f"| {label} | {fmt(d)} | {fmt(r)} | {fmt(f)} | {fmt(n)} | {ratio(n, d)} | {ratio(n, r)} "
+                     f"| {ratio(n, f)} |")
+    relay = result["raw"].get("relay")
+    if relay:
+        lines += ["", f"Relay: {relay['streams']} concurrent streams × {relay['tokens']} tokens "
+                      f"(`/v1/completions`, `ignore_eos`), model servers with `-np {relay['streams']} "
+                      f"-c {relay['ctx']}` (node: `llama_server_parallel: {relay['streams']}`); a chunk is one SSE "
+                      f"event received by a client (`data:` line), {relay['expected_events_per_stream']} per stream "
+                      "(one per token, the last event, `[DONE]`); CPU per chunk: the process's own CPU time over "
+                      "the measurement ÷ chunks (router: the router process, not its children; direct: none)."]
+    lines += ["", "Targets, issue 16 (same run; the floor is bare twisted.web + Agent — where it is worse than the "
+                  "router on a figure, the goal is within 1.1× of the floor):", "",
+              "| target | node | router | floor | goal | met |", "|---|---|---|---|---|---|"]
+    for row in result.get("targets", {}).get("issue16", []):
+        nv, rv, fv = row["show"]
+        met = "–" if row["met"] is None else "yes" if row["met"] else "**no**"
+        lines.append(f"| {row['target']} ({row['unit']}) | {nv} | {rv} | {fv} | {row['goal']} | {met} |")
+    lines += ["", "Targets, issue 7 (kept for comparison):", "", "| target | measured | goal | met |",
+              "|---|---|---|---|"]
     for name, shown, goal, ok in targets_verdicts(s):
         lines.append(f"| {name} | {shown} | {goal} | {'yes' if ok else '**no**'} |")
     if variants:
@@ -584,7 +796,7 @@ def render_table(result: dict[str, Any]) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="two repeats of 1-second loops (about a minute)")
+    p.add_argument("--quick", action="store_true", help="two repeats of 1-second loops (about 75 seconds)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the JSON and markdown")
     p.add_argument("--repeats", type=int, help="repeats per figure (default 5, --quick 2)")
     p.add_argument("--seconds", type=float, help="time bound of each load job (default 2, --quick 1)")
@@ -600,7 +812,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "again (default 25)")
     p.add_argument("--retries", type=int, default=2, help="at most this many times (default 2)")
     p.add_argument("--retry-budget", dest="retry_budget_s", type=float,
-                   help="at most this many seconds in all for such repeats (default 90, --quick 25)")
+                   help="at most this many seconds in all for such repeats (default 90, --quick 25; the relay "
+                        "phase has as much again)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, server logs)")
     p.add_argument("--variants", default="noaccesslog,serial",
                    help="comma-separated node variants (bench/patches.py VARIANTS) to run as extra targets, "
@@ -608,6 +821,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "max_concurrent_requests_per_device: 1, so the table says what each costs or gives)")
     p.add_argument("--scale", action="store_true", help="then the scale bench (bench/scale.py, its defaults: 1,000 "
                    "streams, 10,000 idle connections; about a minute more)")
+    p.add_argument("--relay-streams", type=int, default=4,
+                   help="relay phase: concurrent streams C (model servers get -np C; default 4)")
+    p.add_argument("--relay-tokens", type=int, default=1000,
+                   help="relay phase: tokens M per stream (ignore_eos; default 1000, also with --quick: the "
+                        "router's CPU is read in 10 ms ticks, see docs/performance.md)")
+    p.add_argument("--no-relay", action="store_true", help="skip the relay phase")
     a = p.parse_args(argv)
     a.repeats = a.repeats or (2 if a.quick else 5)
     a.seconds = a.seconds or (1.0 if a.quick else 2.0)
@@ -622,6 +841,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.stream_requests = 20 if a.quick else 40
     a.swap_requests = 6 if a.quick else 10  # even: the last one brings tiny-a back
     a.overload_requests = 200 if a.quick else 400
+    if a.no_relay:
+        a.relay_streams = 0
     return a
 
 
