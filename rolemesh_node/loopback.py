@@ -53,6 +53,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from .web import write_through
+
 #: what a chunk-size line may hold (RFC 9112 7.1: hex digits, then optional extensions)
 _SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 #: a chunk-size or trailer line longer than this is a protocol error
@@ -276,7 +278,7 @@ class _ChildConnection(HTTPParser):
         self._clear(call, keep_alive)
         HTTPParser.connectionMade(self)  # a fresh head: headers, state STATUS
         self.setLineMode()
-        self.transport.write(request)
+        write_through(self.transport, request)
 
     def connectionMade(self) -> None:
         self.connected = True

@@ -62,6 +62,7 @@ from .errors import error_body, set_error
 from .llama_server import ChildStartError
 from .metrics import NULL_METER
 from .node import Node, NotReady
+from .web import direct_transport, write_through
 
 log = Logger()
 
@@ -323,7 +324,7 @@ class _Exchange:
     """
 
     __slots__ = ("proxy", "request", "body", "model", "stream", "started", "arrived", "state", "slot", "status",
-                 "client_gone", "committed", "chunks", "rebound", "meter", "rid", "framed")
+                 "client_gone", "committed", "chunks", "rebound", "meter", "rid", "framed", "direct")
 
     def __init__(self, proxy: ProxyResource, request: Any, body: bytes, model: str, ticket: Any,
                  stream: bool, started: float, rid: bytes) -> None:
@@ -332,6 +333,7 @@ class _Exchange:
         self.body = body
         self.rid = rid
         self.framed = False  # the child's chunk framing goes to the client as it is (see _deliver)
+        self.direct: Any = None  # the client's TCP transport, while relayed bytes are sent at once (_deliver)
         self.model = model
         self.stream = stream
         self.started = started
@@ -558,10 +560,12 @@ class _Exchange:
         if chunked:
             request.chunked = 0  # twisted.web frames nothing more: the child's chunks go through
             self.framed = True
+        self.direct = direct_transport(request)  # the bytes as they are, to the socket at once
         response.deliverBody(relay, raw=True, whole=self.stream)
 
     def _own_framing(self) -> None:
         """The node writes bytes of its own after relayed ones: twisted.web frames them again."""
+        self.direct = None
         if self.framed:
             self.framed = False
             self.request.chunked = 1
@@ -628,7 +632,12 @@ class _Exchange:
             self.meter.chunk(out, True)
         else:
             self.meter.chunk(text)
-        if not self.client_gone:
+        if self.client_gone:
+            return
+        if self.direct is not None:  # what request.write would do, minus a turn of the reactor
+            self.request.sentLength += len(out)
+            write_through(self.direct, out)
+        else:
             self.request.write(out)
 
     def body_done(self, reason: Failure) -> None:

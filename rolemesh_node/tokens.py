@@ -36,23 +36,28 @@ class TailWindow:
     __slots__ = ("chunks", "size", "framed")
 
     def __init__(self) -> None:
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.framed: collections.deque[bool] = collections.deque()
+        self.chunks: collections.deque[bytes | memoryview] = collections.deque()  # framed ones as memoryviews
         self.size = 0
+        self.framed = 0  # how many of the chunks are framed
 
     def feed(self, data: bytes, framed: bool = False) -> None:
         chunks = self.chunks
-        chunks.append(data)
-        self.framed.append(framed)
+        if framed:
+            chunks.append(memoryview(data))  # a mark, not a copy
+            self.framed += 1
+        else:
+            chunks.append(data)
         self.size += len(data)
         while self.size - len(chunks[0]) >= WINDOW:
-            self.size -= len(chunks.popleft())
-            self.framed.popleft()
+            gone = chunks.popleft()
+            self.size -= len(gone)
+            if isinstance(gone, memoryview):
+                self.framed -= 1
 
     def text(self, unframe: Callable[[bytes], bytes] | None = None) -> bytes:
-        if unframe is None or not any(self.framed):
+        if not self.framed or unframe is None:
             return b"".join(self.chunks)
-        return b"".join(unframe(c) if f else c for c, f in zip(self.chunks, self.framed))
+        return b"".join(unframe(c.obj) if isinstance(c, memoryview) else c for c in self.chunks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,8 @@ from __future__ import annotations
 import io
 from typing import Any, Callable
 
+from twisted.internet import tcp
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
@@ -92,6 +94,37 @@ class NodeRequest(Request):
         if path[:1] != b"/":
             path = absolute_to_origin_form(path)
         super().requestReceived(command, path, version)
+
+
+def direct_transport(request: Any) -> Any:
+    """The client connection's TCP transport when bytes may be sent on it at once
+    (:func:`write_through`): a plain TCP connection (not TLS), else None."""
+    transport = getattr(request.channel, "transport", None)
+    if isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(transport):
+        return transport
+    return None
+
+
+def write_through(transport: Any, data: bytes) -> None:
+    """Write ``data`` to a TCP ``transport``, sending it at once when nothing is queued before it.
+
+    Twisted's ``write`` only queues: the bytes go out on the reactor's next
+    turn, after the socket is registered for writing and before it is
+    unregistered again — two ``epoll_ctl`` calls and a second pass through
+    the reactor for every relayed token. When the transport's buffers are
+    empty, this sends with the transport's own ``writeSomeData`` right away
+    and queues only what the socket did not take, so ordering, producers and
+    errors stay Twisted's (an error is left for the queued write to meet).
+    """
+    if transport._tempDataLen or transport.offset != len(transport.dataBuffer) or not transport.connected \
+            or transport.disconnecting:
+        transport.write(data)
+        return
+    sent = transport.writeSomeData(data)
+    if isinstance(sent, Exception) or sent < 0:
+        transport.write(data)  # Twisted's write path meets the error and closes the connection
+    elif sent < len(data):
+        transport.write(data[sent:])
 
 
 def absolute_to_origin_form(target: bytes) -> bytes:
