@@ -22,8 +22,8 @@ The breakdown (unless ``--no-breakdown``):
 * the modules the agent imports — one more node under ``python -X importtime``,
   warmed the same way: per top-level package, how many modules at start and how
   many more by the end of the warm-up (imported lazily);
-* what they cost: in a fresh interpreter (with pyOpenSSL blocked, as the node
-  blocks it without an ``https`` dispatcher), the same modules imported in the
+* what they cost: in a fresh interpreter (with the TLS modules blocked, as the
+  node blocks them without an ``https`` dispatcher), the same modules imported in the
   same order, with ``VmRSS`` read after each; each package is charged the growth
   during its own modules' imports (``incremental``: what it adds on top of what
   came before), and a few heavy candidates also alone (``python -c "import X"``
@@ -33,8 +33,10 @@ The breakdown (unless ``--no-breakdown``):
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -47,6 +49,7 @@ from .procs import Sampler, Server
 from .run import CHAT, ROOT, Bench, LoadGen, body, node_ready, parse
 
 #: candidates measured alone (python -c "import X" minus a bare interpreter)
+#: (the TLS modules blocked, as in the node, but for OpenSSL and ssl themselves)
 ALONE = ["twisted.internet.reactor", "twisted.web.server", "twisted.web.client", "treq", "klein", "werkzeug",
          "prometheus_client", "yaml", "email.message", "http.cookiejar", "asyncio", "ssl", "json", "uuid",
          "OpenSSL", "rolemesh_node.service"]
@@ -56,6 +59,18 @@ _RSS = ("def _rss():\n"
         "        for line in f:\n"
         "            if line.startswith(b'VmRSS:'):\n"
         "                return int(line.split()[1])\n")
+
+
+def tls_block(root: Path) -> str:
+    """Code that blocks what ``root``'s rolemesh_node/tls.py blocks without an https dispatcher
+    (read from the file: importing it would import the config module and yaml before the measurement)."""
+    try:
+        text = (root / "rolemesh_node" / "tls.py").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    found = re.search(r"^TLS_MODULES = (\(.*?\))", text, re.MULTILINE)
+    names = ast.literal_eval(found[1]) if found else (("OpenSSL",) if "OpenSSL" in text else ())
+    return f"for _name in {tuple(names)!r}:\n    sys.modules.setdefault(_name, None)\n"
 
 
 def agent_argv(root: Path, config: Path, python_flags: list[str] | None = None) -> list[str]:
@@ -161,7 +176,7 @@ def import_costs(modules: list[str], root: Path) -> list[tuple[str, int, int]]:
     """Import ``modules`` in order in a fresh interpreter; (top-level package, modules, kB) in first-seen order."""
     code = (_RSS + "import sys, json\n"
             f"sys.path.insert(0, {str(root)!r})\n"
-            "sys.modules['OpenSSL'] = None  # as rolemesh_node.tls does without an https dispatcher\n"
+            + tls_block(root) +
             "mods = json.loads(sys.stdin.read())\n"
             "out = []\n"
             "for m in mods:\n"
@@ -186,8 +201,8 @@ def import_costs(modules: list[str], root: Path) -> list[tuple[str, int, int]]:
 
 
 def alone(what: str, root: Path) -> int | None:
-    block = "" if what == "OpenSSL" else "sys.modules['OpenSSL'] = None; "
-    code = (_RSS + f"import sys; sys.path.insert(0, {str(root)!r}); {block}b = _rss()\n"
+    block = "" if what in ("OpenSSL", "ssl") else tls_block(root)
+    code = (_RSS + f"import sys\nsys.path.insert(0, {str(root)!r})\n{block}b = _rss()\n"
             f"import {what}\nprint(_rss() - b)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     return int(p.stdout) if p.returncode == 0 else None
