@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         for what in ALONE:
             kb = alone(what, root)
             result["alone_kb"][what] = kb
-            print(f"  {'–' if kb is None else f'{kb:6d} kB'}  {what}")
+            print(f"  {'     – ' if kb is None else f'{kb:6d} kB'}  {what}"
+                  + ("  (does not import with the TLS modules blocked)" if kb is None else ""))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     return 0
