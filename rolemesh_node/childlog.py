@@ -188,7 +188,7 @@ class SSEFollower:
     """Writes a device's new lines to one HTTP request as server-sent events.
 
     :meth:`start` answers a Deferred that fires when the log closes (the node
-    stops); cancelling it (Klein does when the client goes away) unsubscribes
+    stops); cancelling it (the API does when the client goes away) unsubscribes
     and cancels the keep-alive timer. It is the request's push producer: while
     a slow client has the transport paused, new lines are dropped (and counted
     in a ``: N lines skipped`` comment on resume) instead of piling up in memory.

@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.logger import globalLogBeginner
 
     from .logs import level_observer, open_log_file
+    from .memory import release_once_discovered
     from .service import makeService
     from .signals import install_signal_handlers
 
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # After Twisted installed its handlers (SIGCHLD is needed to reap children).
     reactor.callWhenRunning(install_signal_handlers, reactor, service,
                             None if log_file is None else log_file.rotate)
+    release_once_discovered(service)  # what the start-up freed goes back to the system (rolemesh_node.memory)
     reactor.run()
     return 0
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (``GET /metrics``) through ``prometheus-client``.
+"""Prometheus metrics (``GET /metrics``) in the text format of :mod:`rolemesh_node.promtext`.
 
 Events are counted as they happen (requests, child starts, crashes, switch
 durations, tokens, refusals, reloads); state that already lives in the node
@@ -21,10 +21,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
 from .loopback import unframe
+from .promtext import CollectorRegistry, Counter, CounterMetricFamily, GaugeMetricFamily, Histogram, generate_latest
 from .snapshot import Phase
 from .tokens import TailWindow, read_counts
 
@@ -42,7 +40,7 @@ class NodeMetrics:
     def __init__(self, node: Any, dispatcher: Any = None) -> None:
         self.node = node
         self.dispatcher = dispatcher
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self.requests = Counter("rolemesh_requests", "HTTP requests answered, by route, model and status",
                                 ["route", "model", "status"], registry=self.registry)
         self.latency = Histogram("rolemesh_request_duration_seconds",
@@ -91,7 +89,7 @@ class NodeMetrics:
         self.registry.register(_StateCollector(self))
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, looked up once per label set: ``labels()`` takes a lock and
+        """``metric.labels(*labels)``, looked up once per label set: ``labels()`` converts and
         checks its arguments on every call, too much for every request."""
         key = (metric, labels)
         found = self._children.get(key)

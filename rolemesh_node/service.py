@@ -6,7 +6,7 @@ Children, started in this order (``MultiService`` stops them all at once, each
 1. :class:`NodeRuntime` — device discovery, the device slots and their
    ``llama-server`` children, the periodic metrics sample. Stopping it stops
    every child and fires only when all have exited.
-2. :class:`HttpListener` — the HTTP port (Klein app + proxy resource).
+2. :class:`HttpListener` — the HTTP port (the node's own routes + proxy resource).
 3. the dispatcher link (when ``dispatcher_base_url`` is set) — it
    deregisters on stop, bounded to a couple of seconds.
 

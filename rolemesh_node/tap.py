@@ -40,6 +40,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     from .logs import filter_twistd_logging
+    from .memory import release_once_discovered
     from .service import makeService as make
     from .signals import install_signal_handlers
 
@@ -52,4 +53,6 @@ def makeService(options: Options) -> Any:
         raise SystemExit(2) from None
     # Exit 0 after a clean stop on SIGTERM/SIGINT (twistd would re-raise the signal); HUP, USR1.
     reactor.callWhenRunning(install_signal_handlers, reactor, service, twistd_log.rotate)
+    # twistd starts the service before the reactor runs; what its start-up freed goes back (rolemesh_node.memory)
+    reactor.callWhenRunning(release_once_discovered, service)
     return service

@@ -165,7 +165,7 @@ def test_sse_follower_backlog_lines_keepalive_and_cancel() -> None:
     assert request.written[-1] == b": 2 lines skipped (the client read too slowly)\n\n"
     failures: list[Any] = []
     done.addErrback(failures.append)
-    done.cancel()  # the client went away (Klein cancels the handler's Deferred)
+    done.cancel()  # the client went away (the API cancels the handler's Deferred)
     assert failures and not clock.getDelayedCalls() and request.producer is None
     devlog.add("a", 1, 1, ["unheard"])
     assert b"unheard" not in b"".join(request.written)

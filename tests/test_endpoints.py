@@ -233,7 +233,7 @@ async def test_configured_node_id_wins(node_service: Any, http_client: Any, base
 # errors: 404, 405
 
 
-@pytest.mark.parametrize("path", ["/nope", "/v1/nothing/here", "/v1/model", "/health/"])
+@pytest.mark.parametrize("path", ["/nope", "/v1/nothing/here", "/v1/model", "/health/", "//health", "/ui//status.js"])
 @pytest_twisted.ensureDeferred
 async def test_unknown_path_is_json_404(node_service: Any, http_client: Any, base_config: dict[str, Any],
                                         path: str) -> None:
@@ -241,6 +241,14 @@ async def test_unknown_path_is_json_404(node_service: Any, http_client: Any, bas
     doc = await get_json(http_client, service, path, status=404)
     assert_error(doc, "not_found")
     assert path in doc["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_path_not_utf8_once_decoded_is_json_400(node_service: Any, http_client: Any,
+                                                        base_config: dict[str, Any]) -> None:
+    service = await node_service(base_config)
+    doc = await get_json(http_client, service, "/v1/models/%ff", status=400)
+    assert_error(doc, "invalid_request")
 
 
 @pytest.mark.parametrize("model_id", ["nope", "org/nope", "tiny-a/extra"])
@@ -307,8 +315,8 @@ async def test_request_id_generated_otherwise(node_service: Any, http_client: An
 
 
 @pytest_twisted.ensureDeferred
-async def test_request_id_on_klein_errors(node_service: Any, http_client: Any,
-                                          base_config: dict[str, Any]) -> None:
+async def test_request_id_on_routing_errors(node_service: Any, http_client: Any,
+                                            base_config: dict[str, Any]) -> None:
     service = await node_service(base_config)
     missing, _ = await call(http_client, service, "/nope", headers={"X-Request-Id": "rid-404"})
     wrong, _ = await call(http_client, service, "/health", method="POST", headers={"X-Request-Id": "rid-405"})

@@ -1,8 +1,10 @@
-"""The TLS stack (pyOpenSSL, cryptography) is loaded only for an https dispatcher.
+"""The TLS stack (pyOpenSSL, cryptography; the standard library's ssl and _hashlib) is loaded only for an
+https dispatcher.
 
 Unit: :func:`rolemesh_node.tls.skip_tls_unless_needed`. Real path: a node run
 as ``rolemesh-node-agent`` and as ``twistd -n rolemesh-node``, whose memory
-maps show whether cryptography's extension was loaded.
+maps show whether cryptography's extension, and the standard library's OpenSSL
+bindings, were loaded (under twistd the latter are loaded before the plugin runs).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from rolemesh_node.config import NodeConfig
-from rolemesh_node.tls import needs_tls, skip_tls_unless_needed
+from rolemesh_node.tls import TLS_MODULES, needs_tls, skip_tls_unless_needed
 from tests.test_run_modes import AGENT, TWISTD, kill_group, start, wait_exit, wait_healthy, write_node_config
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
@@ -27,22 +29,59 @@ def test_needs_tls_only_for_an_https_dispatcher() -> None:
     assert needs_tls(NodeConfig(dispatcher_base_url="HTTPS://dispatcher"))
 
 
-def test_skip_blocks_the_import_only_when_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "OpenSSL", raising=False)
-    assert skip_tls_unless_needed(NodeConfig())
-    assert sys.modules["OpenSSL"] is None
+@pytest.fixture
+def tls_modules_restored() -> Any:
+    """The test process's own entries for the TLS modules, put back afterwards (this process needs ssl)."""
+    saved = {name: sys.modules[name] for name in TLS_MODULES if name in sys.modules}
+    try:
+        yield
+    finally:
+        for name in TLS_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def test_skip_blocks_the_import_only_when_not_loaded(tls_modules_restored: None) -> None:
+    for name in TLS_MODULES:
+        sys.modules.pop(name, None)
+    assert skip_tls_unless_needed(NodeConfig()) == list(TLS_MODULES)
+    assert all(sys.modules[name] is None for name in TLS_MODULES)
     with pytest.raises(ImportError):
         import OpenSSL  # noqa: F401
-    monkeypatch.delitem(sys.modules, "OpenSSL")
-    assert not skip_tls_unless_needed(NodeConfig(dispatcher_base_url="https://d"))
-    assert "OpenSSL" not in sys.modules
-    monkeypatch.setitem(sys.modules, "OpenSSL", object())  # loaded already: left alone
-    assert not skip_tls_unless_needed(NodeConfig())
+    with pytest.raises(ImportError):
+        import ssl  # noqa: F401
+    for name in TLS_MODULES:
+        del sys.modules[name]
+    assert skip_tls_unless_needed(NodeConfig(dispatcher_base_url="https://d")) == []
+    assert not any(name in sys.modules for name in TLS_MODULES)
+    sys.modules["OpenSSL"] = object()  # type: ignore[assignment]  # loaded already: left alone
+    assert skip_tls_unless_needed(NodeConfig()) == ["ssl", "_ssl", "_hashlib"]
+    assert sys.modules["OpenSSL"] is not None
+
+
+def test_without_the_tls_modules_the_standard_library_still_does_what_the_node_asks(
+        tls_modules_restored: None) -> None:
+    import subprocess
+
+    code = ("import sys\n"
+            "for name in ('OpenSSL', 'ssl', '_ssl', '_hashlib'): sys.modules[name] = None\n"
+            "import hashlib, hmac, http.client, urllib.request, asyncio, secrets, uuid\n"
+            "assert hmac.compare_digest(b'a', b'a') and not hmac.compare_digest(b'a', b'b')\n"
+            "assert hashlib.sha256(b'x').hexdigest().startswith('2d711642')\n"
+            "assert len(secrets.token_hex(4)) == 8 and uuid.uuid4()\n"
+            "assert not hasattr(http.client, 'HTTPSConnection')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 def _tls_loaded(pid: int) -> bool:
     maps = Path(f"/proc/{pid}/maps").read_text()
     return "cryptography" in maps or "OpenSSL" in maps
+
+
+def _stdlib_tls_loaded(pid: int) -> bool:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "/_ssl." in maps or "/_hashlib." in maps
 
 
 @linux_only
@@ -63,6 +102,8 @@ def test_a_running_node_loads_tls_only_for_https(tmp_path: Path, free_port: Any,
     try:
         wait_healthy(port, proc, out)
         assert _tls_loaded(proc.pid) is https, out.read_text()
+        if runner == "agent":  # twistd loads them before the plugin runs
+            assert _stdlib_tls_loaded(proc.pid) is https, out.read_text()
         proc.send_signal(signal.SIGTERM)
         assert wait_exit(proc, out) == 0
     finally:
