@@ -1,11 +1,11 @@
 """The proxy routes: one request in, forwarded to the chosen device's child.
 
-This is the hot path, so it is a lean ``twisted.web`` resource rather than a
-Klein route, and it talks to the children through one pooled
-``twisted.web.client.Agent`` (persistent connections, no per-request client
-objects). The request body is parsed once (to find the model) and forwarded as
-the same bytes; the response body is relayed chunk by chunk as it arrives —
-never collected, never re-encoded.
+This is the hot path, so it is a lean ``twisted.web`` resource of its own, and
+it talks to the children through the node's loopback client
+(:mod:`rolemesh_node.loopback`: kept connections, the body passed through as
+the child framed it). The request body is parsed once (to find the model) and
+forwarded as the same bytes; the response body is relayed read by read as it
+arrives — never collected, never decoded and framed again.
 
 Per request, an :class:`_Exchange` — a state machine (``queued → sent →
 relaying → done``, and ``held``, ``rebinding``; the table is

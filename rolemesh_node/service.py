@@ -136,6 +136,12 @@ class NodeRuntime(Service):
         return self.node.stop()
 
 
+#: the listen queue: Twisted's default of 50 overflows when hundreds of clients connect at once (a burst of
+#: streams; the scale bench saw 1,000 connect within 1.5 s, and clients waited a second for a SYN retry);
+#: the kernel caps it at net.core.somaxconn
+LISTEN_BACKLOG = 4096
+
+
 class HttpListener(Service):
     """Listens on ``listen_host:listen_port``; ``port`` is the bound port."""
 
@@ -155,7 +161,8 @@ class HttpListener(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.listening = self.reactor.listenTCP(self.requested_port, self.site, interface=self.host)
+        self.listening = self.reactor.listenTCP(self.requested_port, self.site, backlog=LISTEN_BACKLOG,
+                                                interface=self.host)
         log.info("rolemesh-node listening on http://{host}:{port}", host=self.host, port=self.port)
         if not is_loopback_host(self.host):
             if self.authenticated:

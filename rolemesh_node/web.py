@@ -1,8 +1,8 @@
 """HTTP plumbing: the request and channel classes, the root resource, the ``Site``.
 
 * The root sends the proxy routes straight to the lean
-  :class:`~rolemesh_node.proxy.ProxyResource` and everything else to the Klein
-  app (:mod:`rolemesh_node.api`), so the hot path skips Klein's routing. It
+  :class:`~rolemesh_node.proxy.ProxyResource` and everything else to the node's
+  own routes (:mod:`rolemesh_node.api`), so the hot path skips any routing. It
   checks the API key (when keys are configured) on every route but
   ``/health``, ``/ready`` and the status page's HTML and files, which carry
   no data (:func:`is_public`).
@@ -209,7 +209,7 @@ class NodeChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._disarm()
-        self.phase = CLOSING
+        self._enter(CLOSING)
         self.factory.connection_closed(self)
         super().connectionLost(reason)
 
@@ -230,6 +230,7 @@ class NodeChannel(HTTPChannel):
         return None
 
     def _enter(self, phase: str) -> None:
+        self.factory.phase_changed(self, self.phase, phase)
         self.phase = phase
         self.since = self.factory.clock.seconds()
 
@@ -283,7 +284,7 @@ class NodeChannel(HTTPChannel):
 
     def _close(self) -> None:
         self._disarm()
-        self.phase = CLOSING
+        self._enter(CLOSING)
         self.dataReceived = lambda data: None  # type: ignore[method-assign]  # read and drop the rest
         if self.transport is None:
             return
@@ -333,6 +334,10 @@ class NodeSite(Site):
     def __init__(self, resource: Any, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.channels: set[NodeChannel] = set()
+        #: the connections that keep the node waiting, one dict per eviction rank (``_EVICT_ORDER``), each in
+        #: the order they began to wait: the next one to evict is the first of the first non-empty dict, found
+        #: without looking at the others (a flood of new connections at the cap costs O(1) each)
+        self.waiting: tuple[dict[NodeChannel, None], ...] = ({}, {})
         self.evictions = 0
         self.clock = self.reactor
 
@@ -355,21 +360,28 @@ class NodeSite(Site):
         return super().buildProtocol(addr)
 
     def _slowest(self) -> NodeChannel | None:
-        best, best_key = None, None
-        for channel in self.channels:
-            rank = _EVICT_ORDER.get(channel.phase)
-            if rank is None:
-                continue
-            key = (rank, channel.since)
-            if best_key is None or key < best_key:
-                best, best_key = channel, key
-        return best
+        for waiting in self.waiting:
+            for channel in waiting:
+                return channel
+        return None
+
+    def phase_changed(self, channel: NodeChannel, old: str, new: str) -> None:
+        """``channel`` now waits (or no longer waits) on its client; it goes last in its rank."""
+        rank = _EVICT_ORDER.get(old)
+        if rank is not None:
+            self.waiting[rank].pop(channel, None)
+        rank = _EVICT_ORDER.get(new)
+        if rank is not None:
+            self.waiting[rank][channel] = None
 
     def connection_opened(self, channel: NodeChannel) -> None:
         self.channels.add(channel)
+        self.waiting[0][channel] = None  # NEW: waiting for its request since the connect
 
     def connection_closed(self, channel: NodeChannel) -> None:
         self.channels.discard(channel)
+        for waiting in self.waiting:
+            waiting.pop(channel, None)
 
     def log(self, request: Any) -> None:
         access_log = self.access_log
@@ -383,7 +395,7 @@ class NodeSite(Site):
 
 @implementer(IResource)
 class RootResource:
-    """Authenticate, then dispatch by path: proxy routes to the proxy, the rest to Klein."""
+    """Authenticate, then dispatch by path: proxy routes to the proxy, the rest to the node's own routes."""
 
     isLeaf = True
 
