@@ -282,6 +282,7 @@ class _ChildConnection(HTTPParser):
 
     def connectionMade(self) -> None:
         self.connected = True
+        self.transport.setTcpNoDelay(True)  # the request goes in one write; nothing should wait behind it
         first, self.first = self.first, None
         if first is not None and not first[0].called:
             self.send(*first)

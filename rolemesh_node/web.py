@@ -170,6 +170,9 @@ class NodeChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        if isinstance(self.transport, tcp.Connection):
+            # tokens go out one small write each: Nagle would hold each one until the last was acknowledged
+            self.transport.setTcpNoDelay(True)
         self.since = self.factory.clock.seconds()
         self._watch()
         self.factory.connection_opened(self)
