@@ -33,7 +33,6 @@ and :meth:`DeviceSlot._enter` is the one place where it changes::
 from __future__ import annotations
 
 import collections
-import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -244,6 +243,7 @@ class DeviceSlot:
         self._state: State = Idle()
         self.last_child: LlamaServerChild | None = None
         self.leases: collections.deque[Lease] = collections.deque()  # in flight, in grant order
+        self._running = 0  # how many leases at the front of ``leases`` are running (always a prefix)
         self._liveness: Liveness | None = None  # on the child that serves, while ready or draining
         self._watched: LlamaServerChild | None = None  # that child
         self.last_exit: str | None = None
@@ -334,12 +334,23 @@ class DeviceSlot:
         return lease
 
     def _mark_running(self) -> None:
-        now = self.reactor.seconds()
-        for lease in list(itertools.islice(self.leases, self.config.llama_server_parallel)):
-            if not lease.running and not lease.released:
-                lease._start_running(now)
+        """The first ``llama_server_parallel`` leases are running: start those that just moved up.
+
+        The running leases are a prefix of ``leases`` (grant order, and a lease
+        leaves from wherever it is), so this looks only past the prefix: O(1)
+        per grant or release, whatever the number of slots."""
+        leases, parallel = self.leases, self.config.llama_server_parallel
+        now = None
+        while self._running < min(parallel, len(leases)):  # (a lease's callbacks may release leases)
+            lease = leases[self._running]
+            self._running += 1
+            if now is None:
+                now = self.reactor.seconds()
+            lease._start_running(now)
 
     def _release(self, lease: Lease) -> None:
+        if lease.running:
+            self._running -= 1
         self.leases.remove(lease)
         self._done_since_grant += 1
         self._mark_running()
