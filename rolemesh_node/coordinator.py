@@ -134,6 +134,8 @@ class Coordinator:
         if not queue:
             if self._grant_at_once(ticket):
                 return ticket
+            if self._wait_behind_holders(ticket):
+                return ticket
         elif len(queue) + sum(s.inflight for s in self.slots.values() if s.model == model) < self.max_pending:
             # A backlog below any bound (its model was judged able when the backlog began; a cooldown
             # since then was answered by the decision it caused): no snapshot needed to admit it.
@@ -167,6 +169,27 @@ class Coordinator:
         else:
             self._pump_after_arrival()
         return ticket
+
+    def _wait_behind_holders(self, ticket: Ticket) -> bool:
+        """The first to wait for a model that ready devices hold, all of them full, below the waiting
+        bound (those devices alone make it): it waits for the next place on one of them without a
+        decision — none could differ unless a device is free (``_pump_after_arrival``), and a model
+        that a device holds is not waiting for a switch (no bounded wait to arm). False: the full way."""
+        model = ticket.model
+        holders = in_flight = 0
+        for slot in self.slots.values():
+            if slot.model == model:
+                in_flight += slot.inflight
+                if slot.phase is Phase.READY:
+                    holders += 1
+        if not holders or in_flight >= self.max_pending * holders:
+            return False
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = self.queues[model] = collections.deque()
+        queue.append(ticket)
+        self._pump_after_arrival()
+        return True
 
     def _pump_after_arrival(self) -> None:
         """One more request behind others of its model: the head, and so the bounded wait, is
