@@ -35,7 +35,10 @@ Connections: one per request in flight, kept for the next only after a
 a connection after a chunked answer; a stream asks for ``Connection: close``
 so nobody waits for it) and for at most ``idle_s`` (below llama-server's
 5 s keep-alive, so no request is written into a socket the child is
-closing). A request is never sent twice.
+closing; a pool-wide timer closes those kept longer, since llama-server
+holds a thread of its small HTTP pool for every open connection). A stream
+takes a kept connection like any request (a kept one has never served a
+stream). A request is never sent twice.
 """
 
 from __future__ import annotations
@@ -492,6 +495,7 @@ class LoopbackClient:
         self.max_idle_per_port = max_idle_per_port
         self.connect_timeout_s = connect_timeout_s
         self._idle: dict[int, list[_ChildConnection]] = {}
+        self._sweep: Any = None  # the next look for kept connections idle too long
         #: every connection, connecting, busy or kept
         self.open: set[_ChildConnection] = set()
 
@@ -504,7 +508,7 @@ class LoopbackClient:
                    b"Accept: %s\r\nX-Request-Id: %s\r\nContent-Length: %d\r\n%s\r\n%s"
                    % (path, port, accept, request_id, len(body),
                       b"" if keep_alive else b"Connection: close\r\n", body))
-        conn = self._take(port) if keep_alive else None
+        conn = self._take(port)  # a kept connection has never served a stream: a stream may have it
         if conn is not None:
             call: Deferred[ChildResponse] = Deferred(lambda d: self._cancel(conn, d))
             conn.send(call, request, keep_alive)
@@ -549,6 +553,24 @@ class LoopbackClient:
         if len(idle) >= self.max_idle_per_port:
             idle.pop(0).transport.loseConnection()
         idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(self.idle_s, self._close_stale)
+
+    def _close_stale(self) -> None:
+        """Close the connections kept longer than ``idle_s``: llama-server gives each open connection a
+        thread of its HTTP pool until it closes (5 s idle), and its pool is small (``-np`` + 2 on a small
+        host), so kept connections must not hold threads a probe or a new request needs. One timer for
+        the whole pool, armed while connections are kept."""
+        self._sweep = None
+        now, oldest = self.reactor.seconds(), None
+        for idle in self._idle.values():
+            for conn in [c for c in idle if now - c.idle_since >= self.idle_s]:
+                idle.remove(conn)
+                conn.transport.loseConnection()
+            for conn in idle:
+                oldest = conn.idle_since if oldest is None else min(oldest, conn.idle_since)
+        if oldest is not None:
+            self._sweep = self.reactor.callLater(oldest + self.idle_s - now, self._close_stale)
 
     def _gone(self, conn: _ChildConnection) -> None:
         self.open.discard(conn)
@@ -558,6 +580,9 @@ class LoopbackClient:
 
     def close_idle(self) -> None:
         """Close every kept connection (the node is stopping)."""
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
         for idle in list(self._idle.values()):
             for conn in list(idle):
                 conn.transport.loseConnection()

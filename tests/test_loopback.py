@@ -249,3 +249,27 @@ async def test_a_header_value_with_a_line_break_is_not_sent(server) -> None:
     response.deliverBody(Collect())
     assert b"X-Evil" not in factory.requests[0] and b"Accept: */*\r\n" in factory.requests[0]
     client.close_idle()
+
+
+def test_kept_connections_are_closed_after_idle_s_by_one_timer() -> None:
+    from twisted.internet.task import Clock
+
+    class Kept:
+        def __init__(self, port: int) -> None:
+            self.port, self.closed = port, False
+            self.transport = self
+
+        def loseConnection(self) -> None:
+            self.closed = True
+
+    clock = Clock()
+    client = LoopbackClient(clock, idle_s=2.0)
+    first, second = Kept(1), Kept(2)
+    client._keep(first)  # type: ignore[arg-type]
+    clock.advance(1.5)
+    client._keep(second)  # type: ignore[arg-type]
+    assert len(clock.getDelayedCalls()) == 1  # one timer for the pool, not one per connection
+    clock.advance(0.5)
+    assert first.closed and not second.closed
+    clock.advance(1.5)
+    assert second.closed and not clock.getDelayedCalls() and not any(client._idle.values())
