@@ -116,11 +116,15 @@ def median(values: list[float | None]) -> float | None:
 
 
 class LoadGen:
-    """The load generator process: one JSON job in, one JSON result out."""
+    """A load-generating process (by default :mod:`bench.loadgen`): one JSON job in, one JSON result out."""
 
-    def __init__(self) -> None:
-        self.p = subprocess.Popen([sys.executable, "-m", "bench.loadgen"], cwd=ROOT, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+    def __init__(self, module: str = "bench.loadgen", what: str = "the load generator",
+                 cpus: set[int] | None = None, quit_wait_s: float = 5) -> None:
+        self.what = what
+        self.quit_wait_s = quit_wait_s
+        self.p = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
     def run(self, **job: Any) -> dict[str, Any]:
         assert self.p.stdin is not None and self.p.stdout is not None
@@ -128,10 +132,10 @@ class LoadGen:
         self.p.stdin.flush()
         line = self.p.stdout.readline()
         if not line:
-            raise RuntimeError("the load generator died")
+            raise RuntimeError(f"{self.what} died")
         out = json.loads(line)
         if "error" in out:
-            raise RuntimeError(f"load generator: {out['error']}")
+            raise RuntimeError(f"{self.what}: {out['error']}")
         return out
 
     def close(self) -> None:
@@ -139,7 +143,7 @@ class LoadGen:
             assert self.p.stdin is not None
             self.p.stdin.write('{"kind": "quit"}\n')
             self.p.stdin.close()
-            self.p.wait(5)
+            self.p.wait(self.quit_wait_s)
         except Exception:
             self.p.kill()
 

@@ -51,7 +51,6 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +75,7 @@ from .procs import (
     reap_strays,
     run_meta,
 )
+from .run import LoadGen
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
@@ -169,35 +169,6 @@ def node_ready(s: Server) -> bool:
         return False
 
 
-class Client:
-    """The client process (:mod:`bench.scaleclient`): one JSON job in, one JSON result out."""
-
-    def __init__(self, cpus: set[int] | None) -> None:
-        self.p = subprocess.Popen([sys.executable, "-m", "bench.scaleclient"], cwd=ROOT, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, start_new_session=True,
-                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-
-    def run(self, **job: Any) -> dict[str, Any]:
-        assert self.p.stdin is not None and self.p.stdout is not None
-        self.p.stdin.write(json.dumps(job) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError("the scale client died")
-        out = json.loads(line)
-        if "error" in out:
-            raise RuntimeError(f"scale client: {out['error']}")
-        return out
-
-    def close(self) -> None:
-        try:
-            assert self.p.stdin is not None
-            self.p.stdin.write('{"kind": "quit"}\n')
-            self.p.stdin.close()
-            self.p.wait(10)
-        except Exception:
-            self.p.kill()
-
 
 def median(xs: list[float]) -> float | None:
     xs = sorted(xs)
@@ -209,7 +180,7 @@ class Scale:
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="rolemesh-scale-"))
         self.servers: list[Server] = []
-        self.client: Client | None = None
+        self.client: LoadGen | None = None
         self.notes: list[str] = []
         cores = self._cores()
         self.pin = len(cores) >= 2 and not args.no_pin
@@ -451,7 +422,8 @@ class Scale:
             idle = max(1, soft - extra)
             self.notes.append(f"RLIMIT_NOFILE {soft}: idle connections scaled down from {a.idle} to {idle}")
         self.prepare()
-        self.client = Client(self.other_cpus)
+        # the client process (bench.scaleclient): one JSON job in, one JSON result out
+        self.client = LoadGen("bench.scaleclient", "the scale client", self.other_cpus, quit_wait_s=10)
         out: dict[str, Any] = {"nofile": limits}
         if streams:
             out["streams"] = self.streams_phase(streams)
