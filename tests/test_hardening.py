@@ -223,6 +223,9 @@ async def test_slow_clients_at_the_connection_cap_make_room_for_real_ones(node_s
     assert service.site.evictions == 3
     for peer in slow[:3]:
         assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+    # the eviction order (one dict per rank, kept at each phase change) lets nothing linger once all are gone
+    await eventually(lambda: service.site.open_connections == 0, what="the connections to be closed")
+    assert service.site.waiting == ({}, {})
 
 
 @pytest.mark.allow_errors  # the stand-in child never gets ready: its failed start is logged
