@@ -40,8 +40,7 @@ from .childlog import SSEFollower
 from .errors import set_error
 from .metrics import CONTENT_TYPE
 from .node import Node
-from .proxy import request_id
-from .web import wants_html
+from .web import request_id, wants_html
 
 log = Logger()
 

@@ -41,9 +41,7 @@ relaying → done``, and ``held``, ``rebinding``; the table is
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
-from os import urandom
 from time import perf_counter
 from typing import Any, Union
 
@@ -62,7 +60,7 @@ from .errors import error_body, set_error
 from .llama_server import ChildStartError
 from .metrics import NULL_METER
 from .node import Node, NotReady
-from .web import direct_transport, write_through
+from .web import direct_transport, request_id, write_through
 
 log = Logger()
 
@@ -79,7 +77,6 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"server", b"date",
 })
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 #: a streamed request still waiting for a device gets an SSE comment this often
 #: (so clients and proxies in between do not time out during a model load)
@@ -89,16 +86,6 @@ ERROR_BODY_MAX = 64 * 1024
 #: a child that refused a request's connection is given this long to be seen exiting (then the request
 #: waits again for its replacement); a child that refuses and lives on gets the request 502
 REBIND_WAIT_S = 1.0
-
-
-def request_id(request: Any) -> bytes:
-    """The client's ``X-Request-Id`` when it is sane, else a new one."""
-    given = request.getHeader(b"x-request-id")
-    if given is not None:
-        raw = given.encode("latin-1", "replace") if isinstance(given, str) else given
-        if _REQUEST_ID.match(raw):
-            return raw
-    return urandom(16).hex().encode()
 
 
 class ProxyResource:

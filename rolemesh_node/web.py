@@ -29,6 +29,8 @@
 from __future__ import annotations
 
 import io
+import re
+from os import urandom
 from typing import Any, Callable
 
 from twisted.internet import tcp
@@ -47,6 +49,19 @@ from .errors import error_body, set_error
 UNAUTHENTICATED_PATHS = frozenset({b"/health", b"/ready"})
 #: the status page's static files (no data: the page fetches it with the key)
 UI_PREFIX = b"/ui/"
+
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id(request: Any) -> bytes:
+    """The client's ``X-Request-Id`` when it is sane, else a new one."""
+    given = request.getHeader(b"x-request-id")
+    if given is not None:
+        raw = given.encode("latin-1", "replace") if isinstance(given, str) else given
+        if _REQUEST_ID.match(raw):
+            return raw
+    return urandom(16).hex().encode()
 
 
 def is_public(request: Any) -> bool:
@@ -279,10 +294,15 @@ class NodeChannel(HTTPChannel):
             self._close()
 
     def _answer_and_close(self, status: int, phrase: bytes, body: bytes) -> None:
+        """An answer before any resource saw the request (413 on ``Expect``, 408): written here, with
+        a request id (the client's when its ``X-Request-Id`` header came in). No access log line: the
+        request line was not handed to a ``Request`` yet."""
         if self.transport is None:
             return
+        rid = request_id(self.requests[-1]) if self.requests else urandom(16).hex().encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body))
+                             b"X-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s"
+                             % (status, phrase, rid, len(body), body))
         self._close()
 
     def _close(self) -> None:
@@ -416,6 +436,7 @@ class RootResource:
                 and not self.keys.allows(request.getHeader(b"authorization")):
             if self.on_denied is not None:
                 self.on_denied(request)
+            request.setHeader(b"x-request-id", request_id(request))
             return set_error(request, 401, "missing or invalid API key (send Authorization: Bearer <key>)",
                              "invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="rolemesh-node"'})
         if path in self.proxy_paths:

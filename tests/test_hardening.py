@@ -81,6 +81,7 @@ async def test_every_route_but_the_probes_needs_the_key(node_service, tiny_model
                 doc = json.loads(await response.content())
                 assert response.code == 401, (path, auth)
                 assert doc["error"]["type"] == "authentication_error" and doc["error"]["code"] == "invalid_api_key"
+                assert response.headers.getRawHeaders("x-request-id"), (path, auth)
                 assert response.headers.getRawHeaders("www-authenticate")[0].startswith("Bearer")
         ok = await treq.post(url(service, "/v1/completions"), data=body, persistent=False,
                              headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
@@ -126,6 +127,7 @@ async def test_slow_headers_are_cut_off_with_fin_and_a_408(node_service):
         peer.close()
         silent.close()
     assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+    assert b"\r\nX-Request-Id: " in peer.received
     assert json.loads(peer.received.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
     assert silent.how == "fin" and silent.received == b""  # nothing asked, nothing answered
     health = await treq.get(url(service, "/health"), persistent=False)
@@ -169,6 +171,7 @@ async def test_kept_alive_connection_gets_a_header_deadline_for_its_next_request
     finally:
         peer.close()
     assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+    assert b"\r\nX-Request-Id: " in peer.received
 
 
 def _slow_post(port: int, path: bytes = b"/v1/chat/completions") -> Peer:
@@ -198,6 +201,7 @@ async def test_slow_bodies_are_closed_by_the_deadline_while_a_real_client_is_ser
     assert 0.7 <= took < 4.0
     for peer in slow:
         assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+        assert b"\r\nX-Request-Id: " in peer.received
         error = json.loads(peer.received.partition(b"\r\n\r\n")[2])["error"]
         assert error["code"] == "request_timeout" and "body_read_timeout_s" in error["message"]
     await eventually(lambda: service.site.open_connections == 0, what="the connections to be closed")
@@ -223,6 +227,7 @@ async def test_slow_clients_at_the_connection_cap_make_room_for_real_ones(node_s
     assert service.site.evictions == 3
     for peer in slow[:3]:
         assert peer.how == "fin" and peer.received.startswith(b"HTTP/1.1 408 ")
+        assert b"\r\nX-Request-Id: " in peer.received
     # the eviction order (one dict per rank, kept at each phase change) lets nothing linger once all are gone
     await eventually(lambda: service.site.open_connections == 0, what="the connections to be closed")
     assert service.site.waiting == ({}, {})
@@ -265,11 +270,12 @@ async def test_expect_100_continue_over_the_limit_gets_413_without_the_body(node
     peer = Peer(service.port)
     try:
         peer.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n")
+                  b"X-Request-Id: big-1\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\n\r\n")
         await eventually(peer.closed, timeout=5, what="the 413")
     finally:
         peer.close()
     assert peer.received.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in peer.received
+    assert b"\r\nX-Request-Id: big-1\r\n" in peer.received  # the client's id, as on every answer
     assert json.loads(peer.received.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
     # within the limit, 100 Continue as usual
     peer = Peer(service.port)
