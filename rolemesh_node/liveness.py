@@ -18,7 +18,8 @@ request runs:
 
 A :class:`Liveness` watches one child while the device has work in flight
 (:meth:`busy` / :meth:`idle`), one check at a time, every ``interval_s`` on
-the clock it is given; :meth:`suspect` asks for checks now even when idle,
+the clock it is given — a small state machine (resting, scheduled, checking,
+stopped; ``TRANSITIONS``, ``Liveness._enter``); :meth:`suspect` asks for checks now even when idle,
 until one passes (a request just timed out on it). ``progress_at`` is what
 the proxy reads to know whether a request that has no headers yet is getting
 anywhere. Verdicts go to ``on_hung(reason)`` once; the device slot kills the
@@ -28,7 +29,8 @@ child and replaces it.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.logger import Logger
@@ -67,6 +69,56 @@ def slots_signature(doc: Any) -> tuple[Any, ...] | None:
     return tuple(out)
 
 
+# ------------------------------------------------------------------ the states
+#
+# The checker's own lifecycle: each state holds what belongs to it (the timer of
+# the next check, the check in flight), and leaving a state is where that is let
+# go (``Liveness._enter``). Why it checks — work in flight (``busy``), a request
+# that just timed out on the child (``suspect``) — are two facts beside it, set
+# by the device slot, like an exchange's ``client_gone`` beside its state.
+
+
+@dataclass(slots=True, eq=False)
+class Resting:
+    """No check due, none in flight."""
+
+    name = "resting"
+
+
+@dataclass(slots=True, eq=False)
+class Scheduled:
+    """The next check is due at ``call``."""
+
+    call: Any
+    name = "scheduled"
+
+
+@dataclass(slots=True, eq=False)
+class Checking:
+    """A check (``/health``, then ``/slots``) is in flight."""
+
+    check: Deferred[Any]
+    name = "checking"
+
+
+@dataclass(slots=True, eq=False)
+class Stopped:
+    """Stopped, or a verdict was given: nothing more happens."""
+
+    name = "stopped"
+
+
+LivenessState = Union[Resting, Scheduled, Checking, Stopped]
+
+#: every transition the checker may make
+TRANSITIONS: dict[type, frozenset[type]] = {
+    Resting: frozenset({Scheduled, Stopped}),
+    Scheduled: frozenset({Scheduled, Checking, Resting, Stopped}),  # (Scheduled: moved sooner)
+    Checking: frozenset({Resting, Stopped}),
+    Stopped: frozenset(),
+}
+
+
 class Liveness:
     """Liveness and progress of one child, checked while it has work."""
 
@@ -83,24 +135,33 @@ class Liveness:
         self.progress_at = clock.seconds()  # the last sign of progress (or when work began)
         self.slots_supported = True
         self.checks = 0
-        self._busy = False
-        self._suspect = False
-        self._failures = 0
+        self.state: LivenessState = Resting()
+        self.busy_now = False  # work is in flight on the child
+        self.suspected = False  # a request ran out of time on it: check until a check passes
+        self._failures = 0  # /health checks failed in a row
         self._signature: tuple[Any, ...] | None = None
-        self._call: Any = None  # the next check, when one is due
-        self._check: Deferred[Any] | None = None  # the check in flight
-        self._done = False  # stopped, or a verdict was given
+
+    def _enter(self, new: LivenessState) -> None:
+        """The one place where the state changes: what the old state held is let go."""
+        old = self.state
+        if type(new) not in TRANSITIONS[type(old)]:
+            raise RuntimeError(f"liveness of {self.name}: {old.name} -> {new.name} is not a transition")
+        self.state = new
+        if isinstance(old, Scheduled) and old.call.active():
+            old.call.cancel()
+        elif isinstance(old, Checking) and not old.check.called:
+            old.check.cancel()
 
     # ------------------------------------------------------------ control
 
     def busy(self) -> None:
         """Work is in flight: check every ``interval_s`` until :meth:`idle`."""
-        if self._busy or self._done:
+        if self.busy_now or isinstance(self.state, Stopped):
             return
-        self._busy = True
+        self.busy_now = True
         self.progress_at = self.clock.seconds()  # its no-progress time counts from here
         self._signature = None
-        if self._call is None:
+        if isinstance(self.state, Resting):
             self._schedule(self.interval_s)
 
     def idle(self) -> None:
@@ -110,53 +171,43 @@ class Liveness:
         device that is busy and idle between every request (a closed-loop
         client) does not make and cancel a timer per request; a check in
         flight is cancelled."""
-        self._busy = False
-        if not self._suspect:
-            check, self._check = self._check, None
-            if check is not None:
-                check.cancel()
+        self.busy_now = False
+        if not self.suspected and isinstance(self.state, Checking):
+            self._enter(Resting())
 
     def suspect(self) -> None:
         """A request ran out of time on this child: check it now, until a check passes."""
-        if self._done:
+        if isinstance(self.state, Stopped):
             return
-        self._suspect = True
-        if self._check is None:
-            self._schedule(0)
+        self.suspected = True
+        self._schedule(0)
 
     def stop(self) -> None:
         """The child is gone or no longer watched; nothing is left pending."""
-        self._done = True
-        self._busy = self._suspect = False
-        self._cancel()
+        self.busy_now = self.suspected = False
+        if not isinstance(self.state, Stopped):
+            self._enter(Stopped())
 
     # ------------------------------------------------------------ checks
 
     def _schedule(self, delay: float) -> None:
-        if self._check is not None or self._done:
+        """The next check in ``delay`` (or sooner, if one is due sooner); none while one is in flight."""
+        state = self.state
+        if isinstance(state, (Checking, Stopped)):
             return
-        if self._call is not None:
-            if self._call.getTime() <= self.clock.seconds() + delay:
-                return
-            self._call.cancel()
-        self._call = self.clock.callLater(delay, self._run)
-
-    def _cancel(self) -> None:
-        call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
-        check, self._check = self._check, None
-        if check is not None:
-            check.cancel()
+        if isinstance(state, Scheduled) and state.call.getTime() <= self.clock.seconds() + delay:
+            return
+        self._enter(Scheduled(self.clock.callLater(delay, self._run)))
 
     def _run(self) -> None:
-        self._call = None
-        if not (self._busy or self._suspect):
+        if not (self.busy_now or self.suspected):
+            self._enter(Resting())
             return
         self.checks += 1
-        check = self._check = self._ask()
-        check.addCallback(self._checked)
-        check.addErrback(self._check_failed)
+        check = self._ask()
+        self._enter(Checking(check))
+        check.addCallback(self._checked, check)
+        check.addErrback(self._check_failed, check)
 
     @inlineCallbacks
     def _ask(self) -> Any:
@@ -186,8 +237,10 @@ class Liveness:
         except ValueError:
             return True, None
 
-    def _checked(self, result: tuple[bool, Any]) -> None:
-        self._check = None
+    def _checked(self, result: tuple[bool, Any], check: Deferred[Any]) -> None:
+        if not (isinstance(self.state, Checking) and self.state.check is check):
+            return  # cancelled on the way (idle, stop)
+        self._enter(Resting())
         healthy, signature = result
         now = self.clock.seconds()
         if not healthy:
@@ -203,15 +256,16 @@ class Liveness:
             if self._signature is not None or signature:
                 self.progress_at = now
             self._signature = signature
-        self._suspect = False
-        if not self._busy:
+        self.suspected = False
+        if not self.busy_now:
             return
         if self.slots_supported and now - self.progress_at >= self.stall_s:
             return self._hung(f"no progress in /slots for {now - self.progress_at:.0f}s with work in flight")
         self._schedule(self.interval_s)
 
-    def _check_failed(self, failure: Failure) -> None:
-        self._check = None
+    def _check_failed(self, failure: Failure, check: Deferred[Any]) -> None:
+        if isinstance(self.state, Checking) and self.state.check is check:
+            self._enter(Resting())
         if not failure.check(CancelledError):
             log.failure("liveness check of {name} failed", failure, name=self.name)
 

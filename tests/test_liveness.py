@@ -161,3 +161,23 @@ def test_suspect_checks_an_idle_child_until_a_check_passes() -> None:
     clock2.advance(0)
     assert child2.asked == ["/health", "/slots"] and not clock2.getDelayedCalls() and hung2 == []
     live2.stop()
+
+
+def test_the_checker_is_a_state_table() -> None:
+    clock, child, hung = Clock(), Child(), []
+    live = make(child, clock, hung)
+    seen = [live.state.name]
+    live.busy()
+    seen.append(live.state.name)
+    child.slots = None  # the check stays in flight until answered
+    child.health = None
+    clock.advance(1.0)
+    seen.append(live.state.name)
+    live.idle()  # nothing in flight any more: the check in flight is dropped
+    seen.append(live.state.name)
+    live.stop()
+    seen.append(live.state.name)
+    assert seen == ["resting", "scheduled", "checking", "resting", "stopped"]
+    assert not clock.getDelayedCalls() and all(d.called for d in child.open)  # the dropped check was cancelled
+    with pytest.raises(RuntimeError):
+        live._enter(type(live.state)())  # stopped is final
