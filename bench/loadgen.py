@@ -39,6 +39,7 @@ import selectors
 import socket
 import sys
 import time
+from typing import Callable
 
 perf_ns = time.perf_counter_ns
 
@@ -287,23 +288,29 @@ def closed_loop(job: dict) -> dict:
     return out
 
 
-def main() -> None:
+def serve(jobs: dict[str, Callable[[dict], dict]]) -> None:
+    """One JSON job per line on stdin, one JSON result per line on stdout, until ``{"kind": "quit"}``
+    (or the end of stdin); ``jobs`` maps a job's ``kind`` to what runs it. A job that fails is
+    answered ``{"error": ...}`` and the next one is served."""
     for line in sys.stdin:
         line = line.strip()
         if not line:
             continue
         job = json.loads(line)
         try:
-            if job["kind"] == "closed":
-                out = closed_loop(job)
-            elif job["kind"] == "quit":
+            kind = job["kind"]
+            if kind == "quit":
                 return
-            else:
-                out = {"error": f"unknown job kind {job['kind']!r}"}
+            run = jobs.get(kind)
+            out = run(job) if run is not None else {"error": f"unknown job kind {kind!r}"}
         except Exception as exc:  # report, keep serving
             out = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()
+
+
+def main() -> None:
+    serve({"closed": closed_loop})
 
 
 if __name__ == "__main__":

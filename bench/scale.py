@@ -75,7 +75,7 @@ from .procs import (
     reap_strays,
     run_meta,
 )
-from .run import LoadGen
+from .run import LoadGen, node_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
@@ -158,15 +158,6 @@ def raise_nofile() -> dict[str, Any]:
         pass
     return {"soft_before": soft, "hard": None if hard == resource.RLIM_INFINITY else hard, "soft": raised}
 
-
-def node_ready(s: Server) -> bool:
-    status, raw = http_get(s.port, "/health")
-    if status != 200:
-        return False
-    try:
-        return bool(json.loads(raw).get("discovered"))
-    except ValueError:
-        return False
 
 
 

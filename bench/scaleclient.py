@@ -29,12 +29,12 @@ Jobs (``kind``):
 from __future__ import annotations
 
 import errno
-import json
 import resource
 import selectors
 import socket
-import sys
 import time
+
+from bench.loadgen import serve
 
 perf = time.perf_counter
 BUCKET_S = 0.25
@@ -442,27 +442,7 @@ def close_all(job: dict) -> dict:
 
 
 def main() -> None:
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
-            continue
-        job = json.loads(line)
-        try:
-            kind = job["kind"]
-            if kind == "streams":
-                out = streams(job)
-            elif kind == "open":
-                out = open_idle(job)
-            elif kind == "close":
-                out = close_all(job)
-            elif kind == "quit":
-                return
-            else:
-                out = {"error": f"unknown job kind {kind!r}"}
-        except Exception as exc:  # report, keep serving
-            out = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(out) + "\n")
-        sys.stdout.flush()
+    serve({"streams": streams, "open": open_idle, "close": close_all})
 
 
 if __name__ == "__main__":
