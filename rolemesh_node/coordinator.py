@@ -160,8 +160,7 @@ class Coordinator:
         if waiting + in_flight >= limit:
             wait = estimate_wait_s(model, waiting, snapshots, self.costs, self.policy, sizes)
             raise Rejected(model, limit, able, max(1, math.ceil(wait)))
-        if queue is None:
-            queue = self.queues[model] = collections.deque()
+        queue = self._queue(model)
         first = not queue
         queue.append(ticket)
         if first:
@@ -184,10 +183,7 @@ class Coordinator:
                     holders += 1
         if not holders or in_flight >= self.max_pending * holders:
             return False
-        queue = self.queues.get(model)
-        if queue is None:
-            queue = self.queues[model] = collections.deque()
-        queue.append(ticket)
+        self._queue(model).append(ticket)
         self._pump_after_arrival()
         return True
 
@@ -216,11 +212,16 @@ class Coordinator:
         queue = self.queues.get(model)
         if not queue and self._grant_at_once(ticket):
             return ticket
-        if queue is None:
-            queue = self.queues[model] = collections.deque()
-        queue.appendleft(ticket)
+        self._queue(model).appendleft(ticket)
         self.pump()
         return ticket
+
+    def _queue(self, model: str) -> collections.deque[Ticket]:
+        """The model's waiting line, made when its first request waits."""
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = self.queues[model] = collections.deque()
+        return queue
 
     def _grant_at_once(self, ticket: Ticket) -> bool:
         """Nobody waits for its model: a ready device serving it with room (the one with the fewest

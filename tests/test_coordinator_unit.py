@@ -261,3 +261,21 @@ def test_a_request_joining_a_backlog_asks_for_a_decision_only_when_a_device_is_f
     for lease in list(rig.slots["cpu:1"].leases):
         lease.release()  # cpu:1 serves the last one, then has room
     assert joined and rig.coordinator.waiting("a") == 0
+
+
+def test_the_first_request_to_wait_behind_full_holders_asks_for_no_decision(tmp_path, monkeypatch):
+    import rolemesh_node.coordinator as coordinator_module
+
+    rig = Rig(tmp_path, max_pending_requests_per_device=3)
+    served = rig.submit("a")
+    rig.ready()
+    assert served and rig.submit("a")  # cpu:0 holds a, full now (capacity 2)
+    calls = []
+    real = coordinator_module.decide
+    monkeypatch.setattr(coordinator_module, "decide", lambda *a, **k: calls.append(1) or real(*a, **k))
+    waiting = rig.submit("a")  # no queue yet, no room, a ready holder: it waits, no snapshot, no decision
+    assert calls == [] and waiting == [] and rig.coordinator.waiting("a") == 1
+    with pytest.raises(Rejected):  # the holder's bound (3) is reached: the full way, and its 429
+        rig.coordinator.submit("a")
+    served[0].release()  # a place frees on the holder: the waiter takes it
+    assert waiting and waiting[0].slot.id == "cpu:0" and rig.coordinator.waiting("a") == 0
