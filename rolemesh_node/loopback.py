@@ -46,15 +46,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from twisted.web._newclient import HTTPParser
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from .web import write_through
 
@@ -587,44 +586,6 @@ class LoopbackClient:
             for conn in list(idle):
                 conn.transport.loseConnection()
         self._idle.clear()
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """An ``IBodyProducer`` for bytes already in memory (written in one go)."""
-
-    __slots__ = ("body", "length")
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Any:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class AgentClient:
-    """:meth:`LoopbackClient.post` over a ``twisted.web`` ``Agent``: the body is decoded by the
-    Agent and framed again by ``twisted.web`` (in-memory tests drive the proxy through one)."""
-
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-
-    def post(self, port: int, path: bytes, body: bytes, *, accept: bytes, request_id: bytes,
-             keep_alive: bool = True) -> Deferred[Any]:
-        headers = Headers({b"content-type": [b"application/json"], b"accept": [accept],
-                           b"x-request-id": [request_id]})
-        return self.agent.request(b"POST", b"http://127.0.0.1:%d%s" % (port, path), headers, BytesProducer(body))
 
 
 def unframe(data: bytes) -> bytes:

@@ -96,7 +96,7 @@ class ProxyResource:
     def __init__(self, node: Node, client: Any, reactor: Any) -> None:
         self.node = node
         #: ``post(port, path, body, accept=, request_id=, keep_alive=)`` to a child: a
-        #: :class:`~rolemesh_node.loopback.LoopbackClient` (or an ``AgentClient`` in memory tests)
+        #: :class:`~rolemesh_node.loopback.LoopbackClient` (in-memory tests give one over an ``Agent``)
         self.client = client
         self.reactor = reactor
         self.metrics: Any = None  # a NodeMetrics, when metrics are on

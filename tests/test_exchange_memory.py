@@ -19,14 +19,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from rolemesh_node.config import ModelSpec, NodeConfig
 from rolemesh_node.devices.base import DeviceRef
 from rolemesh_node.devices.cpu import CpuBackend
 from rolemesh_node.llama_server import ChildState, ExitInfo
-from rolemesh_node.loopback import AgentClient
 from rolemesh_node.node import Node
 from rolemesh_node.proxy import REBIND_WAIT_S, Done, Held, ProxyResource, Relaying, Sent, _Exchange
 
@@ -103,6 +105,42 @@ class ReadyChild:
         for d in self._exited:
             d.callback(info)
         self.on_exit(self, info)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """An ``IBodyProducer`` for bytes already in memory, written in one go (no cooperator: the test's Clock)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Any:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class AgentClient:
+    """The proxy's client interface (``LoopbackClient.post``) over an ``Agent``: here one that reaches
+    ``FakeLlama`` in memory. The proxy relays an ``Agent``'s response decoded, framed again by twisted.web."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def post(self, port: int, path: bytes, body: bytes, *, accept: bytes, request_id: bytes,
+             keep_alive: bool = True) -> Deferred[Any]:
+        headers = Headers({b"content-type": [b"application/json"], b"accept": [accept],
+                           b"x-request-id": [request_id]})
+        return self.agent.request(b"POST", b"http://127.0.0.1:%d%s" % (port, path), headers, BytesProducer(body))
 
 
 class Upstream:
