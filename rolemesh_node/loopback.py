@@ -44,7 +44,8 @@ stream). A request is never sent twice.
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -278,51 +279,127 @@ class ChildResponse:
         self._conn.deliver(protocol, raw, whole)
 
 
-class _ChildConnection(HTTPParser):
-    """One connection to a child, reused request after request while the child keeps it."""
+# ----------------------------------------------------- a connection's life
+#
+# Each state holds what belongs to it — the request waiting for the connect, the
+# call waiting for the head, the framing and the receiver of a body, when a kept
+# connection was kept — and ``_ChildConnection._enter`` is the one place the
+# state (``stage``) changes (leaving *kept* takes the connection out of the pool).
 
-    def __init__(self, client: "LoopbackClient", port: int) -> None:
+
+@dataclass(slots=True, eq=False)
+class Connecting:
+    """The TCP connect is under way; ``request`` goes out once connected."""
+
+    call: Deferred[ChildResponse]
+    request: bytes
+    keep: bool
+    name = "connecting"
+
+
+@dataclass(slots=True, eq=False)
+class Awaiting:
+    """The request is written; the answer's head is not complete."""
+
+    call: Deferred[ChildResponse]
+    keep: bool  # may serve another request after this answer
+    received: bool = False  # any byte of the answer yet
+    name = "awaiting"
+
+
+@dataclass(slots=True, eq=False)
+class Receiving:
+    """The head is in; the body goes to ``body`` (bytes that come before ``deliverBody`` wait in ``early``)."""
+
+    framing: Any
+    keep: bool
+    body: Any = None
+    raw: bool = False
+    early: list[bytes] = field(default_factory=list)
+    ended: Failure | None = None  # the connection ended before ``deliverBody``: told after ``early``
+    name = "receiving"
+
+
+@dataclass(slots=True, eq=False)
+class Kept:
+    """In the pool since ``since``, for the next request to the same child."""
+
+    since: float
+    name = "kept"
+
+
+@dataclass(slots=True, eq=False)
+class Closed:
+    """Given up: closing or closed."""
+
+    name = "closed"
+
+
+ConnectionState = Union[Connecting, Awaiting, Receiving, Kept, Closed]
+
+#: every transition a connection to a child may make
+CONNECTION_TRANSITIONS: dict[type, frozenset[type]] = {
+    Connecting: frozenset({Awaiting, Closed}),
+    Awaiting: frozenset({Receiving, Closed}),
+    Receiving: frozenset({Kept, Closed}),
+    Kept: frozenset({Awaiting, Closed}),
+    Closed: frozenset(),
+}
+
+
+class _ChildConnection(HTTPParser):
+    """One connection to a child, reused request after request while the child keeps it::
+
+        connecting ──► awaiting ──► receiving ──► kept ──► awaiting … (each ──► closed)
+    """
+
+    def __init__(self, client: "LoopbackClient", port: int, first: Connecting) -> None:
         self.client = client
         self.port = port
-        self.connected = False
-        self.first: tuple[Deferred[ChildResponse], bytes, bool] | None = None  # sent once connected
-        self.idle_since = 0.0
-        self._clear(None, False)
+        self.stage: ConnectionState = first  # (``state`` is HTTPParser's own: where it is in the head)
 
-    def _clear(self, call: Deferred[ChildResponse] | None, keep_alive: bool) -> None:
-        self.call = call  # fires with the head
-        self.keep = keep_alive  # may serve another request after this answer
-        self.received = False  # any byte of the current answer
-        self.framing: Any = None  # set from the head until the body's end
-        self.body: Any = None  # the protocol the body goes to
-        self.raw = False
-        self.early: list[bytes] = []  # body bytes that came before deliverBody
-        self.ended: Failure | None = None  # the body's end, when it came before deliverBody
+    def _enter(self, new: ConnectionState) -> None:
+        """The one place where the state changes."""
+        old = self.stage
+        if type(new) not in CONNECTION_TRANSITIONS[type(old)]:
+            raise RuntimeError(f"connection to port {self.port}: {old.name} -> {new.name} is not a transition")
+        self.stage = new
+        if isinstance(old, Kept):
+            self.client._unkeep(self)
+
+    def _close(self) -> None:
+        """Give the connection up (it is closed in order, FIN)."""
+        if not isinstance(self.stage, Closed):
+            self._enter(Closed())
+            self.transport.loseConnection()
 
     # -------------------------------------------------------------- requests
 
     def send(self, call: Deferred[ChildResponse], request: bytes, keep_alive: bool) -> None:
-        self._clear(call, keep_alive)
+        self._enter(Awaiting(call, keep_alive))
         HTTPParser.connectionMade(self)  # a fresh head: headers, state STATUS
         self.setLineMode()
         write_through(self.transport, request)
 
     def connectionMade(self) -> None:
-        self.connected = True
         self.transport.setTcpNoDelay(True)  # the request goes in one write; nothing should wait behind it
-        first, self.first = self.first, None
-        if first is not None and not first[0].called:
-            self.send(*first)
+        state = self.stage
+        if isinstance(state, Connecting):
+            self.send(state.call, state.request, state.keep)
+        else:  # given up while connecting
+            self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        self.received = True
+        state = self.stage
         try:
-            if self.body is not None and not self.line_mode:  # the hot path: a body being relayed
+            if isinstance(state, Receiving):  # the hot path: a body being relayed (raw mode since the head)
                 self._body_bytes(data)
-            elif self.call is not None or self.framing is not None:
+            elif isinstance(state, Awaiting):
+                state.received = True
                 HTTPParser.dataReceived(self, data)
             else:  # nothing asked for it: a child talking out of turn
-                self.keep = False
+                if not isinstance(state, Closed):
+                    self._enter(Closed())
                 self.transport.abortConnection()
         except FramingError as exc:
             self._broken(Failure(exc))
@@ -338,6 +415,8 @@ class _ChildConnection(HTTPParser):
         self.phrase = parts[2] if len(parts) == 3 else b""
 
     def allHeadersReceived(self) -> None:
+        awaiting = self.stage
+        assert isinstance(awaiting, Awaiting)
         conn = self.connHeaders
         encodings = conn.getRawHeaders(b"transfer-encoding")
         lengths = conn.getRawHeaders(b"content-length")
@@ -354,103 +433,98 @@ class _ChildConnection(HTTPParser):
         else:
             framing, length = UntilCloseFraming(), UNKNOWN_LENGTH
         connection = b",".join(conn.getRawHeaders(b"connection") or ()).lower()
-        if self.version != b"HTTP/1.1" or b"close" in connection or not isinstance(framing, IdentityFraming):
-            self.keep = False  # llama-server closes after a chunked answer whatever it announced
-        self.framing = framing
+        # llama-server closes after a chunked answer whatever it announced
+        keep = awaiting.keep and self.version == b"HTTP/1.1" and b"close" not in connection \
+            and isinstance(framing, IdentityFraming)
+        receiving = Receiving(framing, keep)
+        self._enter(receiving)
         self.switchToBodyMode(None)
-        call, self.call = self.call, None
-        if call is not None:
-            call.callback(ChildResponse(self, self.code, self.phrase, self.headers, length, framing.chunked))
-        if length == 0 and self.framing is framing:
+        awaiting.call.callback(ChildResponse(self, self.code, self.phrase, self.headers, length, framing.chunked))
+        if length == 0 and self.stage is receiving:
             self._body_bytes(b"")
 
     # ------------------------------------------------------------------ body
 
     def deliver(self, protocol: Any, raw: bool, whole: bool) -> None:
-        if isinstance(self.framing, ChunkedFraming):
-            self.framing.raw, self.framing.whole = raw, whole
-        self.raw = raw
-        self.body = protocol
+        state = self.stage
+        assert isinstance(state, Receiving) and state.body is None
+        if isinstance(state.framing, ChunkedFraming):
+            state.framing.raw, state.framing.whole = raw, whole
+        state.raw = raw
+        state.body = protocol
         protocol.makeConnection(self)
-        early, self.early = self.early, []
+        early, state.early = state.early, []
         for data in early:
-            if self.body is not protocol or self.framing is None:
+            if self.stage is not state or state.body is not protocol:
                 break
             self._body_bytes(data)
-        ended, self.ended = self.ended, None
-        if ended is not None and self.body is protocol:
-            self.framing = None
-            self._end(ended)
+        if self.stage is state and state.ended is not None:
+            self._enter(Closed())
+            protocol.connectionLost(state.ended)
 
     def rawDataReceived(self, data: bytes) -> None:
         self._body_bytes(data)
 
     def _body_bytes(self, data: bytes) -> None:
-        body = self.body
+        state = self.stage
+        body = state.body
         if body is None:
-            self.early.append(data)
+            state.early.append(data)
             return
-        out, text, end = self.framing.feed(data)
+        out, text, end = state.framing.feed(data)
         if out or text:
-            if self.raw:
+            if state.raw:
                 body.raw_received(out, text)
             else:
                 body.dataReceived(out)
-        if end < 0 or self.body is not body:
+        if end < 0 or self.stage is not state:
             return
         # the end of the body: the connection is let go (or kept) before the
         # receiver hears of it, so a request it sends at once may reuse it
-        self.framing = None
-        self.body = None
-        if end < len(data):
-            self.keep = False  # bytes after the answer: nothing asked for them
-        if self.keep and self.connected:
+        if state.keep and end == len(data) and state.ended is None:  # (bytes after the answer: nobody's)
             self.setLineMode()
+            self._enter(Kept(self.client.reactor.seconds()))
             self.client._keep(self)
         else:
-            self.transport.loseConnection()
+            self._close()
         body.connectionLost(Failure(ResponseDone()))
-
-    def _end(self, reason: Failure) -> None:
-        body, self.body = self.body, None
-        if body is None:
-            self.ended = reason  # told when deliverBody comes
-        else:
-            body.connectionLost(reason)
 
     def _broken(self, failure: Failure) -> None:
         """The child broke the protocol: drop the connection; whoever waits gets the failure."""
-        self.keep = False
-        call, self.call = self.call, None
+        state = self.stage
         self.transport.abortConnection()
-        if call is not None:
-            call.errback(ResponseFailed([failure]))
-        elif self.framing is not None:
-            self.framing = None
-            self._end(Failure(ResponseFailed([failure])))
+        if isinstance(state, Awaiting):
+            self._enter(Closed())
+            state.call.errback(ResponseFailed([failure]))
+        elif isinstance(state, Receiving):
+            self._end(state, Failure(ResponseFailed([failure])))
+
+    def _end(self, state: Receiving, reason: Failure) -> None:
+        """The body ends with ``reason``; told now, or after the bytes before it when ``deliverBody`` comes."""
+        if state.body is None:
+            if state.ended is None:
+                state.ended = reason
+            return
+        self._enter(Closed())
+        state.body.connectionLost(reason)
 
     # ------------------------------------------------------- the connection
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
-        self.connected = False
         self.client._gone(self)
-        call, self.call = self.call, None
-        if call is not None:
-            call.errback(ResponseFailed([reason]) if self.received else ResponseNeverReceived([reason]))
-            return
-        framing = self.framing
-        if framing is None:
-            return
-        if isinstance(framing, UntilCloseFraming):
-            end = Failure(ResponseDone())
-        else:
-            end = Failure(ResponseFailed([reason, Failure(BodyCut(
-                "the child closed the connection before the end of the body"))]))
-        if self.body is None:
-            self.ended = end  # the bytes that came first are relayed first (deliver)
-            return
-        self.framing = None
-        self._end(end)
+        state = self.stage
+        if isinstance(state, Awaiting):
+            self._enter(Closed())
+            state.call.errback(ResponseFailed([reason]) if state.received else ResponseNeverReceived([reason]))
+        elif isinstance(state, Receiving):
+            state.keep = False
+            if isinstance(state.framing, UntilCloseFraming):
+                self._end(state, Failure(ResponseDone()))
+            else:
+                self._end(state, Failure(ResponseFailed([reason, Failure(BodyCut(
+                    "the child closed the connection before the end of the body"))])))
+        elif isinstance(state, (Connecting, Kept)):
+            self._enter(Closed())
 
     # IPushProducer, for the body's receiver
     def pauseProducing(self) -> None:
@@ -460,8 +534,9 @@ class _ChildConnection(HTTPParser):
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        """The receiver gives up on the body: the connection cannot be reused."""
-        self.keep = False
+        """The receiver gives up on the body: the connection cannot be reused (it hears of the end)."""
+        if isinstance(self.stage, Receiving):
+            self.stage.keep = False
         self.transport.abortConnection()
 
 
@@ -479,9 +554,10 @@ class _Connect(ClientFactory):
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         conn = self.conn
         conn.client._gone(conn)
-        first, conn.first = conn.first, None
-        if first is not None and not first[0].called:
-            first[0].errback(reason)
+        state = conn.stage
+        if isinstance(state, Connecting):
+            conn._enter(Closed())
+            state.call.errback(reason)
 
 
 class LoopbackClient:
@@ -493,7 +569,7 @@ class LoopbackClient:
         self.idle_s = idle_s
         self.max_idle_per_port = max_idle_per_port
         self.connect_timeout_s = connect_timeout_s
-        self._idle: dict[int, list[_ChildConnection]] = {}
+        self._idle: dict[int, list[_ChildConnection]] = {}  # the kept ones, per port, oldest first
         self._sweep: Any = None  # the next look for kept connections idle too long
         #: every connection, connecting, busy or kept
         self.open: set[_ChildConnection] = set()
@@ -512,48 +588,49 @@ class LoopbackClient:
             call: Deferred[ChildResponse] = Deferred(lambda d: self._cancel(conn, d))
             conn.send(call, request, keep_alive)
             return call
-        conn = _ChildConnection(self, port)
         connector: Any = None
 
         def cancel(d: Deferred[ChildResponse]) -> None:
-            if conn.first is not None:  # still connecting
-                conn.first = None
+            if isinstance(conn.stage, Connecting):
+                conn._enter(Closed())
                 connector.stopConnecting()
             else:
                 self._cancel(conn, d)
 
         call = Deferred(cancel)
-        conn.first = (call, request, keep_alive)
+        conn = _ChildConnection(self, port, Connecting(call, request, keep_alive))
         self.open.add(conn)
         connector = self.reactor.connectTCP("127.0.0.1", port, _Connect(conn), timeout=self.connect_timeout_s)
         return call
 
     def _cancel(self, conn: _ChildConnection, d: Deferred[ChildResponse]) -> None:
-        if conn.call is d:
-            conn.call = None
-            conn.keep = False
+        state = conn.stage
+        if isinstance(state, Awaiting) and state.call is d:
+            conn._enter(Closed())
             conn.transport.abortConnection()
 
     def _take(self, port: int) -> _ChildConnection | None:
         idle = self._idle.get(port)
-        if not idle:
-            return None
         now = self.reactor.seconds()
         while idle:
-            conn = idle.pop()
-            if conn.connected and now - conn.idle_since < self.idle_s:
-                return conn
-            conn.transport.loseConnection()
+            conn = idle[-1]
+            if now - conn.stage.since < self.idle_s:
+                return conn  # (it leaves the pool as it leaves *kept*)
+            conn._close()
         return None
 
     def _keep(self, conn: _ChildConnection) -> None:
         idle = self._idle.setdefault(conn.port, [])
-        conn.idle_since = self.reactor.seconds()
         if len(idle) >= self.max_idle_per_port:
-            idle.pop(0).transport.loseConnection()
+            idle[0]._close()
         idle.append(conn)
         if self._sweep is None:
             self._sweep = self.reactor.callLater(self.idle_s, self._close_stale)
+
+    def _unkeep(self, conn: _ChildConnection) -> None:
+        idle = self._idle.get(conn.port)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
 
     def _close_stale(self) -> None:
         """Close the connections kept longer than ``idle_s``: llama-server gives each open connection a
@@ -562,20 +639,16 @@ class LoopbackClient:
         the whole pool, armed while connections are kept."""
         self._sweep = None
         now, oldest = self.reactor.seconds(), None
-        for idle in self._idle.values():
-            for conn in [c for c in idle if now - c.idle_since >= self.idle_s]:
-                idle.remove(conn)
-                conn.transport.loseConnection()
+        for idle in list(self._idle.values()):
+            for conn in [c for c in idle if now - c.stage.since >= self.idle_s]:
+                conn._close()
             for conn in idle:
-                oldest = conn.idle_since if oldest is None else min(oldest, conn.idle_since)
+                oldest = conn.stage.since if oldest is None else min(oldest, conn.stage.since)
         if oldest is not None:
             self._sweep = self.reactor.callLater(oldest + self.idle_s - now, self._close_stale)
 
     def _gone(self, conn: _ChildConnection) -> None:
         self.open.discard(conn)
-        idle = self._idle.get(conn.port)
-        if idle and conn in idle:
-            idle.remove(conn)
 
     def close_idle(self) -> None:
         """Close every kept connection (the node is stopping)."""
@@ -584,7 +657,7 @@ class LoopbackClient:
         self._sweep = None
         for idle in list(self._idle.values()):
             for conn in list(idle):
-                conn.transport.loseConnection()
+                conn._close()
         self._idle.clear()
 
 

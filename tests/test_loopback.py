@@ -253,23 +253,35 @@ async def test_a_header_value_with_a_line_break_is_not_sent(server) -> None:
 
 def test_kept_connections_are_closed_after_idle_s_by_one_timer() -> None:
     from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
 
-    class Kept:
-        def __init__(self, port: int) -> None:
-            self.port, self.closed = port, False
-            self.transport = self
-
-        def loseConnection(self) -> None:
-            self.closed = True
+    from rolemesh_node.loopback import Awaiting, Kept, _ChildConnection
 
     clock = Clock()
     client = LoopbackClient(clock, idle_s=2.0)
-    first, second = Kept(1), Kept(2)
-    client._keep(first)  # type: ignore[arg-type]
+
+    def kept(port: int) -> _ChildConnection:
+        conn = _ChildConnection(client, port, Awaiting(Deferred(), True))
+        conn.transport = StringTransport()
+        conn.stage = Kept(clock.seconds())  # (as an answer's end leaves it)
+        client._keep(conn)
+        return conn
+
+    first = kept(1)
     clock.advance(1.5)
-    client._keep(second)  # type: ignore[arg-type]
+    second = kept(2)
     assert len(clock.getDelayedCalls()) == 1  # one timer for the pool, not one per connection
     clock.advance(0.5)
-    assert first.closed and not second.closed
+    assert first.transport.disconnecting and not second.transport.disconnecting
+    assert first.stage.name == "closed" and second.stage.name == "kept"
     clock.advance(1.5)
-    assert second.closed and not clock.getDelayedCalls() and not any(client._idle.values())
+    assert second.transport.disconnecting and not clock.getDelayedCalls() and not any(client._idle.values())
+
+
+def test_a_connection_is_a_state_table() -> None:
+    from rolemesh_node.loopback import Closed, Connecting, _ChildConnection
+
+    conn = _ChildConnection(LoopbackClient(reactor), 1, Connecting(Deferred(), b"", True))
+    conn._enter(Closed())
+    with pytest.raises(RuntimeError):
+        conn._enter(Closed())  # closed is final
